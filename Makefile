@@ -1,0 +1,53 @@
+# attnkit: the README's two commands.
+#   make test    installs what is missing, then configures, builds and runs every test
+#   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
+# Other targets: test-asan (tests under AddressSanitizer + UBSan), bench-quick (smoke run), clean.
+
+PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
+PYTHON ?= /usr/bin/python3
+RESULTS := build/bench-results
+BENCH_BINARIES := bench_sdpa
+BENCH_FILTER ?= .
+BENCH_MIN_TIME ?= 0.2
+
+.PHONY: test test-asan bench bench-quick deps clean
+
+deps:
+	@missing=""; \
+	for p in $(PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+	  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo"; \
+	  else echo "attnkit needs:$$missing"; echo "Run: sudo apt-get install -y$$missing"; exit 1; fi; \
+	  echo "Installing:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq$$missing; \
+	fi
+
+test: deps
+	cmake --preset default
+	cmake --build --preset default
+	ctest --preset default
+
+test-asan: deps
+	cmake --preset asan
+	cmake --build --preset asan
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --preset asan
+
+bench: deps
+	cmake --preset release
+	cmake --build --preset release
+	@mkdir -p $(RESULTS)
+	@for b in $(BENCH_BINARIES); do \
+	  echo "== $$b"; \
+	  ./build/release/bench/$$b --benchmark_filter='$(BENCH_FILTER)' --benchmark_min_time=$(BENCH_MIN_TIME) \
+	    --benchmark_out=$(RESULTS)/$$b.json --benchmark_out_format=json || exit 1; \
+	done
+	$(PYTHON) bench/plot.py $(RESULTS)
+
+bench-quick:
+	$(MAKE) bench BENCH_FILTER='/(256|512|1024)/' BENCH_MIN_TIME=0.01
+
+clean:
+	rm -rf build

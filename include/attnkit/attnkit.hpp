@@ -1,0 +1,8 @@
+// attnkit: umbrella header. Includes every kernel family.
+#pragma once
+
+#include "core/error.hpp"
+#include "core/options.hpp"
+#include "core/types.hpp"
+#include "reference.hpp"
+#include "sdpa.hpp"

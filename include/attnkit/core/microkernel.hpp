@@ -1,0 +1,135 @@
+// attnkit: the register-blocked micro-kernel behind every fused product (S = Q K^T and O = alpha O + P V), written
+// once over Eigen's packet math so it runs on AVX-512, AVX2, SSE, NEON or plain scalars alike.
+#pragma once
+
+#include <algorithm>
+
+#include "types.hpp"
+#include "view.hpp"
+
+#if defined(__clang__)
+#define ATTNKIT_UNROLL _Pragma("clang loop unroll(full)")
+#elif defined(__GNUC__)
+#define ATTNKIT_UNROLL _Pragma("GCC unroll 16")
+#else
+#define ATTNKIT_UNROLL
+#endif
+
+namespace attnkit::detail {
+
+/// Register blocking: kRows rows x kPackets packets of accumulators, sized to the vector register file.
+template <class S>
+struct KernelShape {
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
+  static constexpr int kPacket = Eigen::internal::packet_traits<S>::size;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  static constexpr int kRows = 6, kPackets = 4;  // 24 accumulators + 4 loads + 1 broadcast of 32 zmm registers
+#elif defined(EIGEN_VECTORIZE)
+  static constexpr int kRows = 6, kPackets = 2;  // 12 accumulators + 2 loads + 1 broadcast of 16 registers
+#else
+  static constexpr int kRows = 4, kPackets = 4;
+#endif
+  static constexpr int kCols = kPackets * kPacket;  // width of a packed panel
+};
+
+constexpr Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
+
+/// C = beta .* C + A B for one kRows x (NP packets) block: A is kRows rows at stride lda, B is packed depth x
+/// (NP * kPacket), row after row. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero a(r, k)
+/// contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
+template <class S, int NP, bool kSkipZeros>
+inline void micro_kernel(const S* a, Index lda, const S* b, Index depth, S* c, Index ldc, const S* beta) {
+  using namespace Eigen::internal;
+  using K = KernelShape<S>;
+  using Packet = typename K::Packet;
+  constexpr int kRows = K::kRows, P = K::kPacket, kWidth = NP * P;
+  Packet acc[kRows][NP];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const Packet scale = pset1<Packet>(beta ? beta[r] : S(0));
+    ATTNKIT_UNROLL
+    for (int p = 0; p < NP; ++p) acc[r][p] = beta ? pmul(scale, ploadu<Packet>(c + r * ldc + p * P)) : pset1<Packet>(0);
+  }
+  for (Index k = 0; k < depth; ++k, b += kWidth) {
+    Packet bk[NP];
+    ATTNKIT_UNROLL
+    for (int p = 0; p < NP; ++p) bk[p] = ploadu<Packet>(b + p * P);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const S ark = a[r * lda + k];
+      if constexpr (kSkipZeros) {
+        if (ark == S(0)) continue;
+      }
+      const Packet av = pset1<Packet>(ark);
+      ATTNKIT_UNROLL
+      for (int p = 0; p < NP; ++p) acc[r][p] = pmadd(av, bk[p], acc[r][p]);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    ATTNKIT_UNROLL
+    for (int p = 0; p < NP; ++p) pstoreu(c + r * ldc + p * P, acc[r][p]);
+  }
+}
+
+template <class S, bool kSkipZeros, int NP = KernelShape<S>::kPackets>
+inline void micro_kernel_width(int packets, const S* a, Index lda, const S* b, Index depth, S* c, Index ldc,
+                               const S* beta) {
+  if constexpr (NP > 1) {
+    if (packets < NP) return micro_kernel_width<S, kSkipZeros, NP - 1>(packets, a, lda, b, depth, c, ldc, beta);
+  }
+  micro_kernel<S, NP, kSkipZeros>(a, lda, b, depth, c, ldc, beta);
+}
+
+/// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], rows a multiple of kRows and cols of kPacket.
+/// B is packed in panels of kCols columns (the last one narrower), panel p at b + p * panel_stride.
+template <class S, bool kSkipZeros>
+void tile_product(const S* a, Index lda, Index rows, const S* b, Index panel_stride, Index depth, Index cols, S* c,
+                  Index ldc, const S* beta) {
+  using K = KernelShape<S>;
+  for (Index col = 0; col < cols; col += K::kCols, b += panel_stride) {
+    const int packets = static_cast<int>(std::min<Index>(K::kCols, cols - col) / K::kPacket);
+    for (Index r = 0; r < rows; r += K::kRows)
+      micro_kernel_width<S, kSkipZeros>(packets, a + r * lda, lda, b, depth, c + r * ldc + col, ldc,
+                                        beta ? beta + r : nullptr);
+  }
+}
+
+/// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product
+/// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
+template <class S>
+void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count_pad, S* dst) {
+  using K = KernelShape<S>;
+  const Index width = x.cols;
+  for (Index col = 0; col < count_pad; col += K::kCols) {
+    const Index w = std::min<Index>(K::kCols, count_pad - col);
+    for (Index c = 0; c < w; ++c) {
+      S* d = dst + c;
+      if (col + c < count) {
+        const S* src = &x(j0 + col + c, 0);
+        for (Index k = 0; k < width; ++k) d[k * w] = src[k * x.col_stride];
+      } else {
+        for (Index k = 0; k < width; ++k) d[k * w] = S(0);
+      }
+    }
+    dst += width * w;
+  }
+}
+
+/// Packs rows [j0, j0 + count) of x as the right-hand side B = x (count x cols_pad, zero columns past x.cols), in
+/// panels of kCols columns; panel p starts at dst + p * count * kCols.
+template <class S>
+void pack_rows(const StridedView<S>& x, Index j0, Index count, Index cols_pad, S* dst) {
+  using K = KernelShape<S>;
+  for (Index col = 0; col < cols_pad; col += K::kCols) {
+    const Index w = std::min<Index>(K::kCols, cols_pad - col);
+    const Index valid = std::clamp<Index>(x.cols - col, 0, w);
+    S* d = dst + col * count;
+    for (Index j = 0; j < count; ++j, d += w) {
+      for (Index c = 0; c < valid; ++c) d[c] = x(j0 + j, col + c);
+      for (Index c = valid; c < w; ++c) d[c] = S(0);
+    }
+  }
+}
+
+}  // namespace attnkit::detail

@@ -1,0 +1,138 @@
+// attnkit: the one tiling loop of exact attention. Query tiles run in parallel; inside a tile, key tiles stream
+// through an online softmax, so the workspace is O(tile) and no n x m matrix ever exists.
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "mask.hpp"
+#include "microkernel.hpp"
+#include "options.hpp"
+#include "softmax.hpp"
+#include "threading.hpp"
+#include "types.hpp"
+#include "view.hpp"
+
+namespace attnkit::detail {
+
+/// Tile sizes of one call. rows is a multiple of the micro-kernel's rows. Defaults keep a query tile's scores,
+/// packed keys and values (about rows*cols + 2*cols*d floats) inside a 1 MiB L2 cache.
+struct TilePlan {
+  Index rows = 0;
+  Index cols = 0;
+};
+
+template <class S>
+TilePlan plan_tiles(Index n, Index m, const AttentionOptions& o) {
+  using K = KernelShape<S>;
+  const Index rows = o.query_tile > 0 ? o.query_tile : 16 * K::kRows;
+  const Index cols = o.key_tile > 0 ? o.key_tile : 256;
+  return {round_up(std::min(rows, std::max<Index>(n, 1)), K::kRows),
+          round_up(std::min(cols, std::max<Index>(m, 1)), K::kPacket)};
+}
+
+/// Per-thread scratch of the fused loop, allocated once per call and worker.
+template <class S>
+struct AttentionWorkspace {
+  using Buffer = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+  Buffer queries, keys, values, scores, acc, alpha;
+  std::vector<KeyRange> ranges;
+  std::vector<SoftmaxState<S>> stats;
+
+  AttentionWorkspace(const TilePlan& plan, Index d, Index dv) {
+    using K = KernelShape<S>;
+    const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
+    queries.setZero(plan.rows * d);
+    keys.setZero(round_up(cols, K::kCols) * d);
+    values.setZero(plan.cols * round_up(dv_pad, K::kCols));
+    scores.setZero(plan.rows * cols);
+    acc.setZero(plan.rows * dv_pad);
+    alpha.setZero(plan.rows);
+    ranges.resize(plan.rows);
+    stats.resize(plan.rows);
+  }
+
+  static Index bytes(const TilePlan& plan, Index d, Index dv) {
+    using K = KernelShape<S>;
+    const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
+    const Index scalars = plan.rows * d + round_up(cols, K::kCols) * d + plan.cols * round_up(dv_pad, K::kCols) +
+                          plan.rows * cols + plan.rows * dv_pad + plan.rows;
+    return scalars * Index(sizeof(S)) + plan.rows * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>));
+  }
+};
+
+/// The destination of a fused call: out (n x dv, row stride out_stride) and, optionally, the per-row log-sum-exp.
+template <class S>
+struct AttentionOutput {
+  S* data;
+  Index stride;
+  S* lse;  // may be null
+};
+
+/// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, classify,
+/// modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
+///
+/// Per query tile: pack Q (scaled per row), then for each key tile that is not empty: pack K^T and V, S = Q K^T by the
+/// micro-kernel, apply score modifiers (all tiles) and the mask (partial tiles only), one online-softmax step per row,
+/// and acc = alpha .* acc + P V. Keys outside every row's range (padding, causal future) are never packed nor read.
+template <class S, class Mask>
+void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v, const Mask& mask,
+                     S scale, const AttentionOptions& o, const AttentionOutput<S>& out) {
+  using K = KernelShape<S>;
+  const Index n = q.rows, m = k.rows, d = q.cols, dv = v.cols;
+  if (n == 0) return;
+  const TilePlan plan = plan_tiles<S>(n, m, o);
+  const Index dv_pad = round_up(dv, K::kPacket);
+  const Index tiles = (n + plan.rows - 1) / plan.rows;
+
+  auto make_workspace = [&] { return AttentionWorkspace<S>(plan, d, dv); };
+  auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
+    const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0), rows_pad = round_up(rows, K::kRows);
+    Index key_begin = m, key_end = 0;
+    for (Index r = 0; r < rows; ++r) {
+      const KeyRange g = mask.row_range(i0 + r);
+      ws.ranges[r] = g;
+      if (!g.empty()) key_begin = std::min(key_begin, g.begin), key_end = std::max(key_end, g.end);
+      const S row_scale = mask.row_scale(i0 + r, scale);
+      S* qrow = ws.queries.data() + r * d;
+      for (Index c = 0; c < d; ++c) qrow[c] = row_scale * q(i0 + r, c);
+    }
+    std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
+    ws.acc.head(rows_pad * dv_pad).setZero();
+    ws.alpha.head(rows_pad).setZero();
+
+    for (Index j0 = key_begin; j0 < key_end; j0 += plan.cols) {
+      const Index cols = std::min(plan.cols, key_end - j0), cols_pad = round_up(cols, K::kPacket);
+      const TileKind kind = mask.classify(ws.ranges.data(), rows, j0, cols);
+      if (kind == TileKind::kEmpty) continue;
+      pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
+      pack_rows(v, j0, cols, dv_pad, ws.values.data());
+      tile_product<S, false>(ws.queries.data(), d, rows_pad, ws.keys.data(), d * K::kCols, d, cols_pad,
+                             ws.scores.data(), cols_pad, nullptr);
+      for (Index r = 0; r < rows; ++r) {
+        S* row = ws.scores.data() + r * cols_pad;
+        if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
+        if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
+        ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+      }
+      const Index panel = cols * K::kCols;
+      if (kind == TileKind::kPartial)
+        tile_product<S, true>(ws.scores.data(), cols_pad, rows_pad, ws.values.data(), panel, cols, dv_pad,
+                              ws.acc.data(), dv_pad, ws.alpha.data());
+      else
+        tile_product<S, false>(ws.scores.data(), cols_pad, rows_pad, ws.values.data(), panel, cols, dv_pad,
+                               ws.acc.data(), dv_pad, ws.alpha.data());
+    }
+
+    for (Index r = 0; r < rows; ++r) {
+      const S inv = ws.stats[r].inverse_sum();
+      const S* a = ws.acc.data() + r * dv_pad;
+      S* dst = out.data + (i0 + r) * out.stride;
+      for (Index c = 0; c < dv; ++c) dst[c] = a[c] * inv;
+      if (out.lse) out.lse[i0 + r] = ws.stats[r].log_sum_exp();
+    }
+  };
+  parallel_for(tiles, o.threads, make_workspace, run_tile);
+}
+
+}  // namespace attnkit::detail

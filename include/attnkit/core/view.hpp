@@ -1,0 +1,52 @@
+// attnkit: a read-only strided view over any Eigen matrix, so kernels are written once, not per storage order.
+#pragma once
+
+#include "types.hpp"
+
+namespace attnkit::detail {
+
+/// Element (i, j) lives at data[i * row_stride + j * col_stride]. Row-major storage has col_stride == 1.
+template <class S>
+struct StridedView {
+  const S* data = nullptr;
+  Index rows = 0;
+  Index cols = 0;
+  Index row_stride = 0;
+  Index col_stride = 1;
+
+  const S& operator()(Index i, Index j) const { return data[i * row_stride + j * col_stride]; }
+  bool row_contiguous() const { return col_stride == 1; }
+};
+
+/// Binds to the storage of `x` when it has direct access (Matrix, Map, Ref, Block, any storage order), and
+/// otherwise evaluates the expression once into an owned row-major matrix. Keep it alive while the view is used.
+template <class Derived>
+class ViewOf {
+ public:
+  using Scalar = typename Derived::Scalar;
+
+  explicit ViewOf(const Eigen::MatrixBase<Derived>& x) {
+    if constexpr (static_cast<bool>(Derived::Flags & Eigen::DirectAccessBit)) {
+      const Derived& d = x.derived();
+      view_.data = d.data();
+      view_.rows = d.rows();
+      view_.cols = d.cols();
+      const Index inner = d.innerStride(), outer = d.outerStride();
+      view_.row_stride = Derived::IsRowMajor ? outer : inner;
+      view_.col_stride = Derived::IsRowMajor ? inner : outer;
+    } else {
+      owned_ = x;
+      view_ = {owned_.data(), owned_.rows(), owned_.cols(), owned_.cols(), 1};
+    }
+  }
+  ViewOf(const ViewOf&) = delete;
+  ViewOf& operator=(const ViewOf&) = delete;
+
+  const StridedView<Scalar>& view() const { return view_; }
+
+ private:
+  Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> owned_;
+  StridedView<Scalar> view_;
+};
+
+}  // namespace attnkit::detail

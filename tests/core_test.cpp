@@ -1,0 +1,113 @@
+// The shared core on its own: mask model intervals and tile classes, the online softmax, the parallel loop.
+#include <attnkit/core/mask.hpp>
+#include <attnkit/core/softmax.hpp>
+#include <attnkit/core/threading.hpp>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace attnkit::detail {
+namespace {
+
+MaskModel<float> model(Index n, Index m, const AttentionOptions& o) { return MaskModel<float>(n, m, o, {}); }
+
+TEST(MaskModel, RowRangesFollowSpecForBothAlignments) {
+  AttentionOptions o;
+  o.causal = true;
+  // Bottom-right, n = 3, m = 5: row i sees j <= i + 2.
+  const auto br = model(3, 5, o);
+  EXPECT_EQ(br.row_range(0).begin, 0);
+  EXPECT_EQ(br.row_range(0).end, 3);
+  EXPECT_EQ(br.row_range(2).end, 5);
+  o.align = CausalAlign::kTopLeft;
+  const auto tl = model(3, 5, o);
+  EXPECT_EQ(tl.row_range(0).end, 1);
+  EXPECT_EQ(tl.row_range(2).end, 3);
+  // Bottom-right with n > m leaves the first n - m rows empty.
+  o.align = CausalAlign::kBottomRight;
+  const auto tall = model(5, 2, o);
+  EXPECT_TRUE(tall.row_range(2).empty());
+  EXPECT_EQ(tall.row_range(3).size(), 1);
+  EXPECT_EQ(tall.row_range(4).size(), 2);
+  // Window and padding intersect.
+  AttentionOptions w;
+  w.window_left = 2, w.window_right = 1, w.key_length = 6, w.align = CausalAlign::kTopLeft;
+  const auto win = model(10, 10, w);
+  EXPECT_EQ(win.row_range(0).begin, 0);
+  EXPECT_EQ(win.row_range(0).end, 2);
+  EXPECT_EQ(win.row_range(4).begin, 2);
+  EXPECT_EQ(win.row_range(4).end, 6);
+  EXPECT_EQ(win.row_range(9).begin, 7);
+  EXPECT_TRUE(win.row_range(9).empty());
+}
+
+TEST(MaskModel, TilesAreEmptyFullOrPartial) {
+  AttentionOptions o;
+  o.causal = true, o.align = CausalAlign::kTopLeft;
+  const auto mask = model(16, 16, o);
+  std::vector<KeyRange> ranges;
+  for (Index i = 8; i < 12; ++i) ranges.push_back(mask.row_range(i));  // query rows 8..11
+  EXPECT_EQ(mask.classify(ranges.data(), 4, 0, 8), TileKind::kFull);
+  EXPECT_EQ(mask.classify(ranges.data(), 4, 8, 4), TileKind::kPartial);
+  EXPECT_EQ(mask.classify(ranges.data(), 4, 12, 4), TileKind::kEmpty);
+  // An element-wise mask makes every non-empty tile partial.
+  BoolMatrix b = BoolMatrix::Constant(16, 16, true);
+  StridedView<bool> view{b.data(), 16, 16, 16, 1};
+  MaskExtras<float> extras;
+  extras.mask = &view;
+  const MaskModel<float> with_mask(16, 16, o, extras);
+  EXPECT_EQ(with_mask.classify(ranges.data(), 4, 0, 8), TileKind::kPartial);
+}
+
+TEST(OnlineSoftmax, StreamingEqualsOneShot) {
+  const Matrix<double> logits = testing::random_matrix<double>(1, 37, 5, 4.0);
+  std::vector<double> one(logits.data(), logits.data() + 37);
+  SoftmaxState<double> whole;
+  online_softmax_step(one.data(), 37, whole);
+  // Stream in chunks of 1, 5 and 31, rescaling an accumulated weighted sum like the kernels do.
+  std::vector<double> chunked(logits.data(), logits.data() + 37);
+  SoftmaxState<double> state;
+  double acc = 0;
+  for (Index begin = 0, step = 1; begin < 37; begin += step, step = step == 1 ? 5 : 31) {
+    const Index count = std::min<Index>(step, 37 - begin);
+    const double alpha = online_softmax_step(chunked.data() + begin, count, state);
+    acc *= alpha;
+    for (Index j = begin; j < begin + count; ++j) acc += chunked[j] * double(j);
+  }
+  double expect = 0, total = 0;
+  for (Index j = 0; j < 37; ++j) expect += one[j] * double(j), total += one[j];
+  EXPECT_NEAR(state.sum, whole.sum, 1e-12 * whole.sum);
+  EXPECT_NEAR(state.max, whole.max, 0);
+  EXPECT_NEAR(acc * state.inverse_sum(), expect / total, 1e-12);
+  EXPECT_NEAR(state.log_sum_exp(), std::log(total) + whole.max, 1e-12);
+}
+
+TEST(OnlineSoftmax, AllMaskedRowGivesZerosNotNan) {
+  const double inf = std::numeric_limits<double>::infinity();
+  std::vector<double> row = {-inf, -inf, -inf};
+  SoftmaxState<double> s;
+  EXPECT_EQ(online_softmax_step(row.data(), 3, s), 1.0);
+  EXPECT_EQ(row[0], 0.0);
+  EXPECT_EQ(s.inverse_sum(), 0.0);
+  EXPECT_TRUE(std::isinf(s.log_sum_exp()) && s.log_sum_exp() < 0);
+}
+
+TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {
+  for (int threads : {1, 2, 3, 8}) {
+    std::vector<std::atomic<int>> hits(101);
+    std::atomic<int> states{0};
+    parallel_for(
+        101, threads, [&] { return ++states; }, [&](Index t, int&) { ++hits[size_t(t)]; });
+    for (auto& h : hits) EXPECT_EQ(h.load(), 1);
+    EXPECT_LE(states.load(), std::max(threads, 1));
+    EXPECT_GE(states.load(), 1);
+  }
+  parallel_for(
+      0, 4, [] { return 0; }, [](Index, int&) { ADD_FAILURE() << "no task expected"; });
+}
+
+}  // namespace
+}  // namespace attnkit::detail

@@ -1,0 +1,368 @@
+// Fused scaled dot-product attention against the independent double-precision loop oracle, and the materialising
+// attnkit::reference against the same oracle. Sizes 1, odd primes and round numbers; every option alone and combined.
+#include <attnkit/attnkit.hpp>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace attnkit {
+namespace {
+
+using testing::all_close;
+using testing::MatD;
+using testing::naive_attention;
+using testing::NaiveExtras;
+using testing::random_matrix;
+
+const Index kSizes[] = {1, 3, 17, 64, 65, 129, 300};
+const Index kDims[] = {1, 8, 64, 80, 128};
+
+template <class S>
+class SdpaTest : public ::testing::Test {
+ protected:
+  static double tol(Index m) { return testing::attention_tolerance<S>(m); }
+
+  // Runs fused (returning and out-parameter forms) and reference on the same inputs and checks all three, plus the
+  // log-sum-exp, against the oracle.
+  template <class... Extras>
+  void check(Index n, Index m, Index d, Index dv, const AttentionOptions& o, const NaiveExtras& x,
+             const Extras&... extras) {
+    SCOPED_TRACE("n=" + std::to_string(n) + " m=" + std::to_string(m) + " d=" + std::to_string(d) +
+                 " dv=" + std::to_string(dv));
+    const Matrix<S> q = random_matrix<S>(n, d, 1 + unsigned(n)), k = random_matrix<S>(m, d, 2 + unsigned(m));
+    const Matrix<S> v = random_matrix<S>(m, dv, 3 + unsigned(d));
+    const auto expected = naive_attention(q.template cast<double>(), k.template cast<double>(),
+                                          v.template cast<double>(), o, x);
+    const double vmax = m > 0 && dv > 0 ? v.cwiseAbs().maxCoeff() : 1.0;
+    const Matrix<S> fused = scaled_dot_product_attention(q, k, v, o, extras...);
+    EXPECT_TRUE(all_close(fused, expected.out, tol(m) * vmax)) << "fused";
+    Matrix<S> out(n, dv);
+    Vector<S> lse(n);
+    scaled_dot_product_attention(q, k, v, out, lse, o, extras...);
+    EXPECT_TRUE(all_close(out, expected.out, tol(m) * vmax)) << "fused into out";
+    for (Index i = 0; i < n; ++i) {
+      if (std::isinf(expected.lse(i))) {
+        EXPECT_TRUE(std::isinf(lse(i)) && lse(i) < 0) << "row " << i << " has no key, lse " << lse(i);
+      } else {
+        EXPECT_NEAR(lse(i), expected.lse(i), tol(m) * (1 + std::abs(expected.lse(i)))) << "lse row " << i;
+      }
+    }
+    const Matrix<S> ref = reference::scaled_dot_product_attention(q, k, v, o, extras...);
+    EXPECT_TRUE(all_close(ref, expected.out, tol(m) * vmax)) << "reference";
+  }
+};
+
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(SdpaTest, Scalars);
+
+TYPED_TEST(SdpaTest, SizesSweep) {
+  Index case_id = 0;
+  for (Index n : kSizes)
+    for (Index m : kSizes) {
+      const Index d = kDims[case_id % 5], dv = kDims[(case_id + 2) % 5];
+      ++case_id;
+      this->check(n, m, d, dv, {}, {});
+    }
+}
+
+TYPED_TEST(SdpaTest, EveryHeadDimension) {
+  for (Index d : kDims) this->check(65, 129, d, d, {}, {});
+}
+
+struct NamedOptions {
+  const char* name;
+  AttentionOptions options;
+};
+
+std::vector<NamedOptions> option_cases() {
+  std::vector<NamedOptions> cases;
+  auto add = [&](const char* name, auto set) {
+    AttentionOptions o;
+    set(o);
+    cases.push_back({name, o});
+  };
+  add("causal bottom-right", [](auto& o) { o.causal = true; });
+  add("causal top-left", [](auto& o) { o.causal = true, o.align = CausalAlign::kTopLeft; });
+  add("window 5/3", [](auto& o) { o.window_left = 5, o.window_right = 3; });
+  add("window 0/0", [](auto& o) { o.window_left = 0, o.window_right = 0; });
+  add("window left 40, top-left", [](auto& o) { o.window_left = 40, o.align = CausalAlign::kTopLeft; });
+  add("causal window 16", [](auto& o) { o.causal = true, o.window_left = 16; });
+  add("key padding", [](auto& o) { o.key_length = 2; });
+  add("alibi", [](auto& o) { o.alibi_slope = 0.25; });
+  add("softcap", [](auto& o) { o.softcap = 0.5; });
+  add("log-n", [](auto& o) { o.log_n_scale = true; });
+  add("scale", [](auto& o) { o.scale = 0.9; });
+  add("everything", [](auto& o) {
+    o.causal = true, o.window_left = 20, o.key_length = 1, o.alibi_slope = 0.1, o.softcap = 3, o.log_n_scale = true,
+    o.scale = 0.3;
+  });
+  add("everything top-left, small tiles", [](auto& o) {
+    o.causal = true, o.align = CausalAlign::kTopLeft, o.window_left = 7, o.alibi_slope = 0.5, o.softcap = 2,
+    o.log_n_scale = true, o.query_tile = 7, o.key_tile = 5;
+  });
+  return cases;
+}
+
+TYPED_TEST(SdpaTest, EveryOptionAloneAndCombined) {
+  const std::pair<Index, Index> shapes[] = {{1, 1}, {3, 17}, {17, 3}, {65, 129}, {129, 65}, {64, 64}, {300, 17}};
+  for (const auto& c : option_cases()) {
+    SCOPED_TRACE(c.name);
+    for (const auto& [n, m] : shapes) {
+      AttentionOptions o = c.options;
+      if (o.key_length >= 0) o.key_length = std::min<Index>(m, o.key_length == 1 ? (m + 1) / 2 : m - 1);
+      this->check(n, m, 8, 80, o, {});
+      this->check(n, m, 80, 8, o, {});
+    }
+  }
+}
+
+TYPED_TEST(SdpaTest, BiasMaskAndCallables) {
+  using S = TypeParam;
+  const Index n = 65, m = 129;
+  const Matrix<S> bias = random_matrix<S>(n, m, 11);
+  BoolMatrix mask(n, m);
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < m; ++j) mask(i, j) = (i * 7 + j * 3) % 5 != 0;
+  const auto allowed = [](Index i, Index j) { return (i + j) % 3 != 1; };
+  const auto score = [](S s, Index i, Index j) { return s + S(0.01) * S((i * j) % 7); };
+  const MatD bias_d = bias.template cast<double>();
+  NaiveExtras x_bias{&bias_d, nullptr, {}, {}};
+  NaiveExtras x_mask{nullptr, &mask, {}, {}};
+  NaiveExtras x_allowed{nullptr, nullptr, allowed, {}};
+  NaiveExtras x_score{nullptr, nullptr, {}, [](double s, Index i, Index j) { return s + 0.01 * double((i * j) % 7); }};
+  NaiveExtras x_all{&bias_d, &mask, allowed, x_score.score};
+  for (const auto& c : option_cases()) {
+    SCOPED_TRACE(c.name);
+    AttentionOptions o = c.options;
+    if (o.key_length >= 0) o.key_length = 100;
+    this->check(n, m, 17, 9, o, x_bias, bias);
+    this->check(n, m, 17, 9, o, x_mask, mask);
+    this->check(n, m, 17, 9, o, x_allowed, allowed);
+    this->check(n, m, 17, 9, o, x_score, score);
+    this->check(n, m, 17, 9, o, x_all, score, mask, allowed, bias);
+  }
+}
+
+TYPED_TEST(SdpaTest, FullyMaskedRowsAreZeroWithMinusInfinityLse) {
+  using S = TypeParam;
+  // Bottom-right causal with n > m: the first n - m queries precede every key.
+  const Matrix<S> q = random_matrix<S>(10, 8, 1), k = random_matrix<S>(4, 8, 2), v = random_matrix<S>(4, 3, 3);
+  AttentionOptions o;
+  o.causal = true;
+  Matrix<S> out(10, 3);
+  Vector<S> lse(10);
+  scaled_dot_product_attention(q, k, v, out, lse, o);
+  for (Index i = 0; i < 6; ++i) {
+    EXPECT_EQ(out.row(i).cwiseAbs().maxCoeff(), S(0)) << "row " << i;
+    EXPECT_TRUE(std::isinf(lse(i)) && lse(i) < 0) << "row " << i;
+  }
+  EXPECT_TRUE(out.row(6).allFinite());
+  EXPECT_GT(out.row(9).cwiseAbs().maxCoeff(), S(0));
+  // A mask that rejects a whole row, and key_length = 0 that rejects everything.
+  BoolMatrix mask = BoolMatrix::Constant(10, 4, true);
+  mask.row(3).setConstant(false);
+  const Matrix<S> masked = scaled_dot_product_attention(q, k, v, {}, mask);
+  EXPECT_EQ(masked.row(3).cwiseAbs().maxCoeff(), S(0));
+  AttentionOptions none;
+  none.key_length = 0;
+  EXPECT_EQ(scaled_dot_product_attention(q, k, v, none).cwiseAbs().maxCoeff(), S(0));
+}
+
+TYPED_TEST(SdpaTest, NanInMaskedKeysAndValuesNeverLeaks) {
+  using S = TypeParam;
+  const Index n = 70, m = 70, d = 16;
+  const Matrix<S> q = random_matrix<S>(n, d, 1);
+  Matrix<S> k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, d, 3);
+  const Matrix<S> k_clean = k, v_clean = v;
+  const S nan = std::numeric_limits<S>::quiet_NaN();
+  // Padding: keys >= 50 hold NaN and are masked for every row.
+  k.bottomRows(20).setConstant(nan);
+  v.bottomRows(20).setConstant(nan);
+  AttentionOptions pad;
+  pad.key_length = 50;
+  const double tol = this->tol(m);
+  const auto clean = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),
+                                     v_clean.template cast<double>(), pad);
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(q, k, v, pad), clean.out, tol * 4));
+  EXPECT_TRUE(all_close(reference::scaled_dot_product_attention(q, k, v, pad), clean.out, tol * 4));
+  // Causal: key 60 is allowed for rows >= 60 only. NaN there must reach those rows and no other.
+  k = k_clean, v = v_clean;
+  k(60, 3) = nan;
+  v(60, 1) = nan;
+  AttentionOptions causal;
+  causal.causal = true;
+  for (Index tile : {0, 7, 64}) {
+    causal.query_tile = causal.key_tile = tile;
+    const Matrix<S> out = scaled_dot_product_attention(q, k, v, causal);
+    const auto expected = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),
+                                          v_clean.template cast<double>(), causal);
+    EXPECT_TRUE(all_close(out.topRows(60), expected.out.topRows(60), tol * 4)) << "tile " << tile;
+    EXPECT_TRUE(out.row(60).hasNaN()) << "NaN in an allowed key propagates";
+  }
+  // An element-wise mask hiding a NaN value from some rows.
+  k = k_clean, v = v_clean;
+  v(5, 0) = nan;
+  BoolMatrix mask = BoolMatrix::Constant(n, m, true);
+  mask.col(5).setConstant(false);
+  mask(40, 5) = true;
+  NaiveExtras x{nullptr, &mask, {}, {}};
+  const Matrix<S> out = scaled_dot_product_attention(q, k, v, {}, mask);
+  const auto expected = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),
+                                        v_clean.template cast<double>(), {}, x);
+  for (Index i = 0; i < n; ++i) {
+    if (i == 40) {
+      EXPECT_TRUE(out.row(i).hasNaN());
+    } else {
+      EXPECT_TRUE(all_close(out.row(i), expected.out.row(i), tol * 4)) << "row " << i;
+    }
+  }
+}
+
+TYPED_TEST(SdpaTest, BitIdenticalForAnyThreadCount) {
+  using S = TypeParam;
+  const Matrix<S> q = random_matrix<S>(300, 64, 1), k = random_matrix<S>(1000, 64, 2);
+  const Matrix<S> v = random_matrix<S>(1000, 80, 3);
+  for (bool causal : {false, true}) {
+    AttentionOptions o;
+    o.causal = causal;
+    o.query_tile = 12;
+    o.threads = 1;
+    const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
+    for (int threads : {2, 3, 4, 7, 0}) {
+      o.threads = threads;
+      const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
+      EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0)
+          << "threads " << threads << " causal " << causal;
+    }
+  }
+}
+
+TYPED_TEST(SdpaTest, MapsBlocksExpressionsAndStorageOrders) {
+  using S = TypeParam;
+  using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Index n = 33, m = 47, d = 24, dv = 19;
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
+  const auto expected = naive_attention(q.template cast<double>(), k.template cast<double>(),
+                                        v.template cast<double>(), {});
+  const double tol = this->tol(m) * v.cwiseAbs().maxCoeff();
+  const ColMajor qc = q, kc = k, vc = v;
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(qc, kc, vc), expected.out, tol)) << "column-major";
+  // Maps over padded buffers (outer stride > cols), either storage order.
+  std::vector<S> qbuf(size_t(n * (d + 5))), kbuf(size_t(d * (m + 3)));
+  Eigen::Map<Matrix<S>, 0, Eigen::OuterStride<>> qmap(qbuf.data(), n, d, Eigen::OuterStride<>(d + 5));
+  Eigen::Map<ColMajor, 0, Eigen::OuterStride<>> kmap(kbuf.data(), m, d, Eigen::OuterStride<>(m + 3));
+  qmap = q;
+  kmap = k;
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(qmap, kmap, v), expected.out, tol)) << "maps";
+  // Blocks of larger matrices and lazy expressions.
+  Matrix<S> big = Matrix<S>::Zero(n + 4, d + 6);
+  big.block(2, 3, n, d) = q;
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(big.block(2, 3, n, d), k, v), expected.out, tol)) << "block";
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(q * S(1), (k.array() + S(0)).matrix(), vc.transpose().transpose()),
+                        expected.out, tol))
+      << "expressions";
+  // Output into a block of a larger row-major matrix.
+  Matrix<S> canvas = Matrix<S>::Constant(n + 2, dv + 7, S(42));
+  scaled_dot_product_attention(q, k, v, canvas.block(1, 2, n, dv));
+  EXPECT_TRUE(all_close(canvas.block(1, 2, n, dv), expected.out, tol)) << "out block";
+  EXPECT_EQ(canvas(0, 0), S(42));
+  EXPECT_EQ(canvas(n + 1, dv + 6), S(42));
+}
+
+TYPED_TEST(SdpaTest, EmptyInputs) {
+  using S = TypeParam;
+  const Matrix<S> q = random_matrix<S>(5, 8, 1);
+  const Matrix<S> none(0, 8), v_none(0, 3);
+  const Matrix<S> zeros = scaled_dot_product_attention(q, none, v_none);
+  ASSERT_EQ(zeros.rows(), 5);
+  ASSERT_EQ(zeros.cols(), 3);
+  EXPECT_EQ(zeros.cwiseAbs().maxCoeff(), S(0));
+  EXPECT_EQ(reference::scaled_dot_product_attention(q, none, v_none).cwiseAbs().maxCoeff(), S(0));
+  const Matrix<S> k = random_matrix<S>(4, 8, 2), v = random_matrix<S>(4, 3, 3);
+  const Matrix<S> empty = scaled_dot_product_attention(none, k, v);
+  EXPECT_EQ(empty.rows(), 0);
+  EXPECT_EQ(empty.cols(), 3);
+}
+
+TYPED_TEST(SdpaTest, TileSizesDoNotChangeTheResultBeyondRounding) {
+  for (Index qt : {1, 5, 13, 96})
+    for (Index kt : {1, 7, 64, 1000}) {
+      AttentionOptions o;
+      o.query_tile = qt, o.key_tile = kt, o.causal = (qt + kt) % 2 == 0;
+      SCOPED_TRACE("query_tile=" + std::to_string(qt) + " key_tile=" + std::to_string(kt));
+      this->check(67, 131, 8, 24, o, {});
+    }
+}
+
+// Runs `call` and expects attnkit::Error whose message contains every one of `needles`.
+template <class F>
+void expect_error(const F& call, std::initializer_list<const char*> needles) {
+  try {
+    call();
+    ADD_FAILURE() << "no attnkit::Error thrown; expected one mentioning " << *needles.begin();
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    for (const char* needle : needles) EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what;
+  }
+}
+
+TEST(SdpaErrors, BadInputsThrowErrorsNamingArgumentAndShapes) {
+  const Matrix<float> q = Matrix<float>::Ones(4, 8), k = Matrix<float>::Ones(6, 8), v = Matrix<float>::Ones(6, 5);
+  const Matrix<float> k_bad = Matrix<float>::Ones(6, 7), v_bad = Matrix<float>::Ones(5, 5);
+  expect_error([&] { scaled_dot_product_attention(q, k_bad, v); }, {"k", "4x8", "6x7"});
+  expect_error([&] { scaled_dot_product_attention(q, k, v_bad); }, {"v", "6x8", "5x5"});
+  expect_error([&] { reference::scaled_dot_product_attention(q, k_bad, v); }, {"k", "6x7"});
+  expect_error([&] { scaled_dot_product_attention(Matrix<float>(4, 0), Matrix<float>(6, 0), v); }, {"d_k", "4x0"});
+  expect_error([&] { scaled_dot_product_attention(q, k, v, {}, Matrix<float>::Zero(4, 5)); }, {"bias", "4x5", "4x6"});
+  expect_error([&] { scaled_dot_product_attention(q, k, v, {}, BoolMatrix::Constant(3, 6, true)); },
+               {"mask", "3x6", "4x6"});
+  expect_error([&] { scaled_dot_product_attention(q, k, v, {}, Matrix<float>::Zero(4, 6), Matrix<float>::Zero(4, 6)); },
+               {"more than one bias"});
+  Matrix<float> out(4, 4);
+  expect_error([&] { scaled_dot_product_attention(q, k, v, out); }, {"out", "4x4", "4x5"});
+  Matrix<float> out_ok(4, 5);
+  Vector<float> lse(3);
+  expect_error([&] { scaled_dot_product_attention(q, k, v, out_ok, lse); }, {"lse", "3"});
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  const auto with = [&](auto set) {
+    AttentionOptions o;
+    set(o);
+    return [&, o] { scaled_dot_product_attention(q, k, v, o); };
+  };
+  expect_error(with([](auto& o) { o.window_left = -2; }), {"window_left", "-2"});
+  expect_error(with([](auto& o) { o.window_right = -5; }), {"window_right"});
+  expect_error(with([](auto& o) { o.scale = -1; }), {"scale"});
+  expect_error(with([&](auto& o) { o.scale = nan; }), {"scale"});
+  expect_error(with([&](auto& o) { o.scale = inf; }), {"scale"});
+  expect_error(with([](auto& o) { o.alibi_slope = -0.5; }), {"alibi_slope"});
+  expect_error(with([&](auto& o) { o.alibi_slope = nan; }), {"alibi_slope"});
+  expect_error(with([](auto& o) { o.softcap = -3; }), {"softcap"});
+  expect_error(with([&](auto& o) { o.softcap = inf; }), {"softcap"});
+  expect_error(with([](auto& o) { o.key_length = 7; }), {"key_length", "6"});
+  expect_error(with([](auto& o) { o.key_length = -3; }), {"key_length"});
+  expect_error(with([](auto& o) { o.threads = -1; }), {"threads"});
+  expect_error(with([](auto& o) { o.query_tile = -1; }), {"query_tile"});
+  expect_error(with([](auto& o) { o.key_tile = -4; }), {"key_tile"});
+  static_assert(std::is_base_of_v<std::invalid_argument, Error>);
+}
+
+TEST(SdpaReference, WeightsAreADistributionPerRow) {
+  const Matrix<double> q = random_matrix<double>(31, 16, 1), k = random_matrix<double>(37, 16, 2);
+  AttentionOptions o;
+  o.causal = true, o.align = CausalAlign::kTopLeft, o.window_left = 9;
+  const Matrix<double> p = reference::attention_weights(q, k, o);
+  for (Index i = 0; i < p.rows(); ++i) {
+    EXPECT_NEAR(p.row(i).sum(), 1.0, 1e-12) << "row " << i;
+    for (Index j = 0; j < p.cols(); ++j) {
+      if (j > i || j < i - 9) {
+        EXPECT_EQ(p(i, j), 0.0) << "(" << i << ", " << j << ")";
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace attnkit

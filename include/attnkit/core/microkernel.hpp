@@ -15,6 +15,13 @@
 #define ATTNKIT_UNROLL
 #endif
 
+// Packet types carry vector attributes that GCC drops, with a warning, when they are template arguments (as in
+// PacketBlock<Packet, N>); Eigen silences the same warning in its own headers.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 namespace attnkit::detail {
 
 /// Register blocking: kRows rows x kPackets packets of accumulators, sized to the vector register file.
@@ -34,15 +41,15 @@ struct KernelShape {
 
 constexpr Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
 
-/// C = beta .* C + A B for one kRows x (NP packets) block: A is kRows rows at stride lda, B is packed depth x
-/// (NP * kPacket), row after row. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero a(r, k)
+/// C = beta .* C + A B for one kRows x (NP packets) block: A is kRows rows at stride lda, B is depth rows of
+/// NP * kPacket contiguous values at stride ldb. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero a(r, k)
 /// contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
 template <class S, int NP, bool kSkipZeros>
-inline void micro_kernel(const S* a, Index lda, const S* b, Index depth, S* c, Index ldc, const S* beta) {
+inline void micro_kernel(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc, const S* beta) {
   using namespace Eigen::internal;
   using K = KernelShape<S>;
   using Packet = typename K::Packet;
-  constexpr int kRows = K::kRows, P = K::kPacket, kWidth = NP * P;
+  constexpr int kRows = K::kRows, P = K::kPacket;
   Packet acc[kRows][NP];
   ATTNKIT_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -50,7 +57,7 @@ inline void micro_kernel(const S* a, Index lda, const S* b, Index depth, S* c, I
     ATTNKIT_UNROLL
     for (int p = 0; p < NP; ++p) acc[r][p] = beta ? pmul(scale, ploadu<Packet>(c + r * ldc + p * P)) : pset1<Packet>(0);
   }
-  for (Index k = 0; k < depth; ++k, b += kWidth) {
+  for (Index k = 0; k < depth; ++k, b += ldb) {
     Packet bk[NP];
     ATTNKIT_UNROLL
     for (int p = 0; p < NP; ++p) bk[p] = ploadu<Packet>(b + p * P);
@@ -73,44 +80,66 @@ inline void micro_kernel(const S* a, Index lda, const S* b, Index depth, S* c, I
 }
 
 template <class S, bool kSkipZeros, int NP = KernelShape<S>::kPackets>
-inline void micro_kernel_width(int packets, const S* a, Index lda, const S* b, Index depth, S* c, Index ldc,
-                               const S* beta) {
+inline void micro_kernel_width(int packets, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c,
+                               Index ldc, const S* beta) {
   if constexpr (NP > 1) {
-    if (packets < NP) return micro_kernel_width<S, kSkipZeros, NP - 1>(packets, a, lda, b, depth, c, ldc, beta);
+    if (packets < NP) return micro_kernel_width<S, kSkipZeros, NP - 1>(packets, a, lda, b, ldb, depth, c, ldc, beta);
   }
-  micro_kernel<S, NP, kSkipZeros>(a, lda, b, depth, c, ldc, beta);
+  micro_kernel<S, NP, kSkipZeros>(a, lda, b, ldb, depth, c, ldc, beta);
 }
 
+/// The right-hand side B of a tile product, as panels of kCols columns: panel p starts at data + p * panel_stride
+/// and its rows are row_stride apart, or, with row_stride == 0 (packed), as far apart as the panel is wide.
+template <class S>
+struct RhsPanels {
+  const S* data;
+  Index panel_stride;
+  Index row_stride;
+};
+
 /// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], rows a multiple of kRows and cols of kPacket.
-/// B is packed in panels of kCols columns (the last one narrower), panel p at b + p * panel_stride.
 template <class S, bool kSkipZeros>
-void tile_product(const S* a, Index lda, Index rows, const S* b, Index panel_stride, Index depth, Index cols, S* c,
-                  Index ldc, const S* beta) {
+void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Index depth, Index cols, S* c, Index ldc,
+                  const S* beta) {
   using K = KernelShape<S>;
-  for (Index col = 0; col < cols; col += K::kCols, b += panel_stride) {
-    const int packets = static_cast<int>(std::min<Index>(K::kCols, cols - col) / K::kPacket);
+  const S* panel = b.data;
+  for (Index col = 0; col < cols; col += K::kCols, panel += b.panel_stride) {
+    const Index width = std::min<Index>(K::kCols, cols - col);
+    const int packets = static_cast<int>(width / K::kPacket);
+    const Index ldb = b.row_stride > 0 ? b.row_stride : width;
     for (Index r = 0; r < rows; r += K::kRows)
-      micro_kernel_width<S, kSkipZeros>(packets, a + r * lda, lda, b, depth, c + r * ldc + col, ldc,
+      micro_kernel_width<S, kSkipZeros>(packets, a + r * lda, lda, panel, ldb, depth, c + r * ldc + col, ldc,
                                         beta ? beta + r : nullptr);
   }
 }
 
 /// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product
 /// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
+/// Whole kPacket x kPacket blocks of row-contiguous x go through an in-register transpose.
 template <class S>
 void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count_pad, S* dst) {
+  using namespace Eigen::internal;
   using K = KernelShape<S>;
+  using Packet = typename K::Packet;
+  constexpr Index P = K::kPacket;
   const Index width = x.cols;
+  const Index width_blocked = x.row_contiguous() ? width / P * P : 0;
   for (Index col = 0; col < count_pad; col += K::kCols) {
     const Index w = std::min<Index>(K::kCols, count_pad - col);
-    for (Index c = 0; c < w; ++c) {
-      S* d = dst + c;
-      if (col + c < count) {
-        const S* src = &x(j0 + col + c, 0);
-        for (Index k = 0; k < width; ++k) d[k * w] = src[k * x.col_stride];
-      } else {
-        for (Index k = 0; k < width; ++k) d[k * w] = S(0);
+    const Index full = std::clamp<Index>(count - col, 0, w) / P * P;  // keys in whole blocks of P
+    for (Index c = 0; c < full; c += P) {
+      for (Index k = 0; k < width_blocked; k += P) {
+        PacketBlock<Packet, P> block;
+        for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(&x(j0 + col + c + r, k));
+        ptranspose(block);
+        for (Index r = 0; r < P; ++r) pstoreu(dst + (k + r) * w + c, block.packet[r]);
       }
+      for (Index r = 0; r < P; ++r)
+        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = x(j0 + col + c + r, k);
+    }
+    for (Index c = full; c < w; ++c) {
+      const bool valid = col + c < count;
+      for (Index k = 0; k < width; ++k) dst[k * w + c] = valid ? x(j0 + col + c, k) : S(0);
     }
     dst += width * w;
   }
@@ -133,3 +162,7 @@ void pack_rows(const StridedView<S>& x, Index j0, Index count, Index cols_pad, S
 }
 
 }  // namespace attnkit::detail
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

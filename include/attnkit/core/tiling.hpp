@@ -84,6 +84,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const TilePlan plan = plan_tiles<S>(n, m, o);
   const Index dv_pad = round_up(dv, K::kPacket);
   const Index tiles = (n + plan.rows - 1) / plan.rows;
+  const bool values_in_place = v.row_contiguous() && dv % K::kPacket == 0;
 
   auto make_workspace = [&] { return AttentionWorkspace<S>(plan, d, dv); };
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
@@ -106,22 +107,26 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       const TileKind kind = mask.classify(ws.ranges.data(), rows, j0, cols);
       if (kind == TileKind::kEmpty) continue;
       pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-      pack_rows(v, j0, cols, dv_pad, ws.values.data());
-      tile_product<S, false>(ws.queries.data(), d, rows_pad, ws.keys.data(), d * K::kCols, d, cols_pad,
-                             ws.scores.data(), cols_pad, nullptr);
+      tile_product<S, false>(ws.queries.data(), d, rows_pad, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d,
+                             cols_pad, ws.scores.data(), cols_pad, nullptr);
       for (Index r = 0; r < rows; ++r) {
         S* row = ws.scores.data() + r * cols_pad;
         if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
         if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
         ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
       }
-      const Index panel = cols * K::kCols;
+      // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
+      RhsPanels<S> values{&v(j0, 0), K::kCols, v.row_stride};
+      if (!values_in_place) {
+        pack_rows(v, j0, cols, dv_pad, ws.values.data());
+        values = {ws.values.data(), cols * K::kCols, 0};
+      }
       if (kind == TileKind::kPartial)
-        tile_product<S, true>(ws.scores.data(), cols_pad, rows_pad, ws.values.data(), panel, cols, dv_pad,
-                              ws.acc.data(), dv_pad, ws.alpha.data());
+        tile_product<S, true>(ws.scores.data(), cols_pad, rows_pad, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                              ws.alpha.data());
       else
-        tile_product<S, false>(ws.scores.data(), cols_pad, rows_pad, ws.values.data(), panel, cols, dv_pad,
-                               ws.acc.data(), dv_pad, ws.alpha.data());
+        tile_product<S, false>(ws.scores.data(), cols_pad, rows_pad, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                               ws.alpha.data());
     }
 
     for (Index r = 0; r < rows; ++r) {

@@ -1,0 +1,90 @@
+// Shared benchmark machinery: heap accounting (a MemoryManager over the counting malloc), the machine's FMA peak
+// measured in the same binary, FLOP formulas, and the counters every benchmark reports.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <attnkit/attnkit.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <random>
+
+namespace attnkit::bench {
+
+struct HeapStats {
+  int64_t current, peak, allocs, total;
+};
+HeapStats heap_stats();   // counting_malloc.cpp
+void reset_heap_peak();
+
+/// Peak heap bytes above the starting level while `call` runs once.
+template <class F>
+int64_t measure_peak_heap(const F& call) {
+  reset_heap_peak();
+  const int64_t before = heap_stats().current;
+  call();
+  return heap_stats().peak - before;
+}
+
+/// Google Benchmark's MemoryManager over the counting malloc (its figures appear in the JSON output).
+class HeapManager : public benchmark::MemoryManager {
+ public:
+  void Start() override {
+    reset_heap_peak();
+    start_ = heap_stats();
+  }
+  void Stop(Result* result) override {
+    const HeapStats end = heap_stats();
+    result->num_allocs = end.allocs - start_.allocs;
+    result->max_bytes_used = end.peak - start_.current;
+    result->total_allocated_bytes = end.total - start_.total;
+    result->net_heap_growth = end.current - start_.current;
+  }
+
+ private:
+  HeapStats start_{};
+};
+
+/// fp32 FMA throughput of one core in FLOP/s: 12 independent chains of packet FMAs, enough to cover the latency of
+/// two FMA pipes. Measured once per process, before the benchmarks, so percentages come from the same run.
+double fma_peak_flops_per_core();
+
+/// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.
+inline double attention_flops(double pairs, Index d, Index dv) { return pairs * 2.0 * double(d + dv); }
+
+/// Adds the standard counters: GFLOP/s by the family's FLOP count, percent of the FMA peak of `threads` cores, and
+/// the peak heap of one call.
+inline void report(benchmark::State& state, double flops, int threads, int64_t heap_bytes) {
+  state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_peak"] = benchmark::Counter(100.0 * flops / (fma_peak_flops_per_core() * threads),
+                                                  benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["heap_MiB"] = double(heap_bytes) / (1024.0 * 1024.0);
+}
+
+template <class S>
+Matrix<S> random_matrix(Index rows, Index cols, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  Matrix<S> x(rows, cols);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<S>(dist(gen));
+  return x;
+}
+
+}  // namespace attnkit::bench
+
+/// main() of every benchmark binary: single-threaded Eigen for baselines, heap accounting, the FMA peak in the
+/// JSON context, then the benchmarks.
+#define ATTNKIT_BENCHMARK_MAIN()                                                                              \
+  int main(int argc, char** argv) {                                                                         \
+    Eigen::setNbThreads(1);                                                                                 \
+    benchmark::Initialize(&argc, argv);                                                                     \
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;                                      \
+    attnkit::bench::HeapManager heap;                                                                       \
+    benchmark::RegisterMemoryManager(&heap);                                                                \
+    benchmark::AddCustomContext("fma_peak_gflops_per_core",                                                 \
+                                std::to_string(attnkit::bench::fma_peak_flops_per_core() * 1e-9));          \
+    benchmark::RunSpecifiedBenchmarks();                                                                    \
+    benchmark::Shutdown();                                                                                  \
+    return 0;                                                                                               \
+  }

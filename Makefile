@@ -47,7 +47,7 @@ bench: deps
 	$(PYTHON) bench/plot.py $(RESULTS)
 
 bench-quick:
-	$(MAKE) bench BENCH_FILTER='/(256|512|1024)/' BENCH_MIN_TIME=0.01
+	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096)/' BENCH_MIN_TIME=0.01
 
 clean:
 	rm -rf build

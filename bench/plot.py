@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Plots and a Markdown summary from the Google Benchmark JSON files in a results directory.
+
+usage: plot.py RESULTS_DIR    (reads RESULTS_DIR/bench_*.json, writes *.png and summary.md there)
+
+Benchmark names look like BM_Fused/n:4096/d:64/causal:0/threads:1/real_time: the BM_ part is the variant and the
+key:value parts are parameters. Each binary is one family (bench_sdpa -> sdpa).
+"""
+import glob
+import json
+import os
+import sys
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def load(results):
+    rows, context = [], {}
+    for path in sorted(glob.glob(os.path.join(results, "bench_*.json"))):
+        family = os.path.basename(path)[len("bench_"):-len(".json")]
+        with open(path) as f:
+            data = json.load(f)
+        context = data.get("context", context)
+        for b in data.get("benchmarks", []):
+            if b.get("run_type") == "aggregate" or b.get("error_occurred"):
+                continue
+            parts = b["run_name"].split("/")
+            params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
+            scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
+            rows.append({
+                "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
+                "ms": b["real_time"] * scale, "gflops": b.get("GFLOPs"), "pct_peak": b.get("pct_peak"),
+                "heap_mib": b.get("heap_MiB"), "workspace_mib": b.get("workspace_MiB"), "kv_gbps": b.get("KV_GBps"),
+            })
+    return rows, context
+
+
+def series(rows, key):
+    """Groups rows by every parameter but `key`, sorted along `key`."""
+    groups = defaultdict(list)
+    for r in rows:
+        if key not in r["params"]:
+            continue
+        rest = ", ".join(f"{k}={v}" for k, v in sorted(r["params"].items()) if k != key)
+        groups[(r["family"], r["variant"], rest)].append(r)
+    return {g: sorted(v, key=lambda r: int(r["params"][key])) for g, v in groups.items()}
+
+
+def plot(rows, results, metric, ylabel, filename, title, only=None, logy=True):
+    groups = {g: v for g, v in series(rows, "n").items() if only is None or only(g)}
+    groups = {g: v for g, v in groups.items() if all(r[metric] is not None for r in v)}
+    if not groups:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    colors = plt.cm.tab20.colors
+    for index, ((family, variant, rest), v) in enumerate(sorted(groups.items())):
+        style = "--" if "causal=1" in rest else "-"  # causal dashed, full solid
+        marker = "s" if "d=128" in rest else "o"
+        ax.plot([int(r["params"]["n"]) for r in v], [r[metric] for r in v], style, marker=marker, markersize=4,
+                color=colors[index % len(colors)], label=f"{family} {variant} ({rest})")
+    ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel("sequence length n")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    out = os.path.join(results, filename)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def fmt(x, digits=1):
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def summary(rows, context, results):
+    peak = context.get("fma_peak_gflops_per_core", "?")
+    lines = [
+        "# attnkit benchmark summary", "",
+        f"Machine: {context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz, "
+        f"measured fp32 FMA peak {fmt(float(peak)) if peak != '?' else '?'} GFLOP/s per core; run {context.get('date', '?')}.",
+        "", "| family | variant | parameters | time (ms) | GFLOP/s | % of peak | peak heap (MiB) | workspace (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    def order(r):
+        return (r["family"], r["variant"], sorted((k, int(v) if v.isdigit() else v) for k, v in r["params"].items()))
+    for r in sorted(rows, key=order):
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"| {r['family']} | {r['variant']} | {params} | {r['ms']:.3f} | {fmt(r['gflops'])} | "
+                     f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} |")
+    path = os.path.join(results, "summary.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    results = sys.argv[1]
+    rows, context = load(results)
+    if not rows:
+        sys.exit(f"no benchmark results in {results}")
+    written = [
+        plot(rows, results, "ms", "time per call (ms)", "time.png", "Time per call (solid: full, dashed: causal)"),
+        plot(rows, results, "heap_mib", "peak heap per call (MiB)", "memory.png", "Peak heap per call"),
+        plot(rows, results, "gflops", "GFLOP/s", "gflops.png", "Exact attention throughput (FLOPs = 4 d per pair)",
+             only=lambda g: g[0] == "sdpa", logy=False),
+        summary(rows, context, results),
+    ]
+    for w in written:
+        if w:
+            print("wrote", w)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,6 +3,8 @@
 
 #include "core/error.hpp"
 #include "core/options.hpp"
+#include "core/positions.hpp"
 #include "core/types.hpp"
+#include "multi_head.hpp"
 #include "reference.hpp"
 #include "sdpa.hpp"

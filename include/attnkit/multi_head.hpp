@@ -1,0 +1,367 @@
+// attnkit: multi-head attention (Vaswani et al. 2017) with grouped-query (Ainslie et al. 2023) and multi-query
+// (Shazeer 2019) sharing, cross-attention, RoPE, per-head ALiBi and a KV cache for incremental decoding. Every head
+// runs the fused scaled dot-product attention of sdpa.hpp on column blocks of the projections, in place.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/options.hpp"
+#include "core/positions.hpp"
+#include "core/threading.hpp"
+#include "core/types.hpp"
+#include "sdpa.hpp"
+
+namespace attnkit {
+
+/// \brief Shape and features of a MultiHeadAttention layer. Zero means "derive it" where noted.
+struct MultiHeadConfig {
+  Index width = 0;                ///< model width: columns of the query input and of the output
+  Index heads = 1;                ///< H query heads
+  Index kv_heads = 0;             ///< H_kv key/value heads, H % H_kv == 0; 0 means H (MHA), 1 is MQA
+  Index head_dim = 0;             ///< d_head; 0 means width / H
+  Index key_width = 0;            ///< columns of the key input (cross-attention); 0 means width
+  Index value_width = 0;          ///< columns of the value input; 0 means key_width
+  bool projection_bias = false;   ///< biases b_q, b_k, b_v
+  bool output_projection = true;  ///< multiply the concatenated heads by w_o; otherwise the output is n x H d_head
+  bool output_bias = false;       ///< bias b_o (needs output_projection)
+  bool rope = false;              ///< rotary embedding on each head of Q and K (d_head must be even)
+  RopeOptions rope_options{};
+  bool alibi = false;             ///< ALiBi with the per-head slopes alibi_slopes(H)
+};
+
+template <class S>
+class MultiHeadAttention;
+
+/// \brief Keys and values of past tokens for incremental decoding with MultiHeadAttention::forward_step.
+///
+/// Holds at most capacity() tokens; storage grows geometrically as tokens arrive, so appending is amortised O(1)
+/// per token and never reallocates per token. Appending past the capacity throws attnkit::Error.
+template <class S>
+class KVCache {
+ public:
+  KVCache(Index capacity, Index kv_width) : capacity_(capacity), kv_width_(kv_width) {
+    if (capacity < 1 || kv_width < 1)
+      detail::fail("KVCache", "capacity and kv_width must be >= 1, got ", capacity, " and ", kv_width);
+  }
+
+  Index size() const { return size_; }
+  Index capacity() const { return capacity_; }
+  bool full() const { return size_ == capacity_; }
+  void clear() { size_ = 0; }
+
+  /// The cached keys and values, size() x (H_kv d_head), heads as consecutive column blocks; RoPE already applied.
+  auto keys() const { return keys_.topRows(size_); }
+  auto values() const { return values_.topRows(size_); }
+
+ private:
+  friend class MultiHeadAttention<S>;
+
+  void check_room(Index count) const {
+    if (size_ + count > capacity_)
+      detail::fail("KVCache", "is full: capacity ", capacity_, " tokens, holds ", size_, ", cannot append ", count);
+  }
+
+  void append(const Matrix<S>& k, const Matrix<S>& v) {
+    const Index count = k.rows();
+    check_room(count);
+    if (size_ + count > keys_.rows()) {
+      const Index rows = std::min(capacity_, std::max<Index>({size_ + count, 2 * keys_.rows(), 64}));
+      keys_.conservativeResize(rows, kv_width_);
+      values_.conservativeResize(rows, kv_width_);
+    }
+    keys_.middleRows(size_, count) = k;
+    values_.middleRows(size_, count) = v;
+    size_ += count;
+  }
+
+  Index capacity_, kv_width_, size_ = 0;
+  Matrix<S> keys_, values_;
+};
+
+/// \brief Multi-head attention layer: head_h = Attention(X_q W_q[h], X_k W_k[g(h)], X_v W_v[g(h)]), heads
+/// concatenated along columns, then an optional output projection W_o (SPEC section 1).
+///
+/// Conventions: Q = X_q * w_q + b_q, with w_q of shape width x (H d_head) and head h in columns
+/// [h d_head, (h + 1) d_head); likewise K = X_k * w_k + b_k and V = X_v * w_v + b_v with H_kv heads; query head h
+/// reads key/value head g(h) = h / (H / H_kv), without copying K or V. Weights are public and may be replaced; their
+/// shapes are checked on every forward.
+template <class S>
+class MultiHeadAttention {
+ public:
+  Matrix<S> w_q;  ///< width x (H d_head)
+  Matrix<S> w_k;  ///< key_width x (H_kv d_head)
+  Matrix<S> w_v;  ///< value_width x (H_kv d_head)
+  Matrix<S> w_o;  ///< (H d_head) x width, or 0 x 0 without output projection
+  Matrix<S> b_q;  ///< 1 x (H d_head), or 0 x 0 without projection biases
+  Matrix<S> b_k;  ///< 1 x (H_kv d_head), or 0 x 0
+  Matrix<S> b_v;  ///< 1 x (H_kv d_head), or 0 x 0
+  Matrix<S> b_o;  ///< 1 x width, or 0 x 0 without output bias
+
+  /// Builds the layer with Xavier-uniform weights drawn from `seed` (biases zero). Throws attnkit::Error for an
+  /// inconsistent configuration (H % H_kv != 0, width not divisible by H without head_dim, odd d_head with RoPE, ...).
+  explicit MultiHeadAttention(const MultiHeadConfig& config, std::uint64_t seed = 0) : c_(resolve(config)) {
+    const Index qw = c_.heads * c_.head_dim, kvw = c_.kv_heads * c_.head_dim;
+    std::mt19937_64 gen(seed);
+    w_q = xavier(c_.width, qw, gen);
+    w_k = xavier(c_.key_width, kvw, gen);
+    w_v = xavier(c_.value_width, kvw, gen);
+    if (c_.output_projection) w_o = xavier(qw, c_.width, gen);
+    if (c_.projection_bias) b_q.setZero(1, qw), b_k.setZero(1, kvw), b_v.setZero(1, kvw);
+    if (c_.output_bias) b_o.setZero(1, c_.width);
+    if (c_.alibi) slopes_ = alibi_slopes(c_.heads);
+  }
+
+  /// The configuration with every derived field filled in.
+  const MultiHeadConfig& config() const { return c_; }
+  /// Columns of the output: width with the output projection, H d_head without.
+  Index output_width() const { return c_.output_projection ? c_.width : c_.heads * c_.head_dim; }
+
+  /// \brief Self-attention over x (n x width). RoPE positions are 0..n-1.
+  template <class D>
+  Matrix<S> forward(const Eigen::MatrixBase<D>& x, const AttentionOptions& options = {}) const {
+    return forward(x, x, x, options);
+  }
+  /// \brief Cross-attention: queries from x_q (n x width), keys and values from x_kv (m x key_width).
+  template <class DQ, class DKV>
+  Matrix<S> forward(const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DKV>& x_kv,
+                    const AttentionOptions& options = {}) const {
+    return forward(x_q, x_kv, x_kv, options);
+  }
+  /// \brief Cross-attention with separate key (m x key_width) and value (m x value_width) inputs.
+  template <class DQ, class DK, class DV>
+  Matrix<S> forward(const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k,
+                    const Eigen::MatrixBase<DV>& x_v, const AttentionOptions& options = {}) const {
+    Matrix<S> out(x_q.rows(), output_width());
+    forward_into(x_q, x_k, x_v, out, options);
+    return out;
+  }
+  /// \brief As forward(x), writing into a caller's n x output_width() matrix.
+  template <class D>
+  void forward_into(const Eigen::MatrixBase<D>& x, Eigen::Ref<Matrix<S>> out, const AttentionOptions& options = {}) const {
+    forward_into(x, x, x, out, options);
+  }
+  template <class DQ, class DK, class DV>
+  void forward_into(const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k,
+                    const Eigen::MatrixBase<DV>& x_v, Eigen::Ref<Matrix<S>> out,
+                    const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "MultiHeadAttention::forward";
+    check_inputs(kWhere, x_q, x_k, x_v, options);
+    check_out(kWhere, out, x_q.rows());
+    Sequence seq;
+    project(x_q, x_k, x_v, seq, 0);
+    attend_all({Job{&seq, seq.k.data(), seq.k.rows()}}, options);
+    finish(seq.concat, out);
+  }
+
+  /// \brief Variable-length batch: forward(x) for every sequence (each n_b x width), in parallel across sequences and
+  /// heads. Equal to calling forward on each sequence alone.
+  std::vector<Matrix<S>> forward(const std::vector<Matrix<S>>& batch, const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "MultiHeadAttention::forward (batch)";
+    for (size_t b = 0; b < batch.size(); ++b) {
+      if (batch[b].cols() != c_.width)
+        detail::fail(kWhere, "sequence ", b, " is ", detail::shape_str(batch[b].rows(), batch[b].cols()),
+                     " but the layer's width is ", c_.width);
+      check_inputs(kWhere, batch[b], batch[b], batch[b], options);
+    }
+    std::vector<Sequence> seqs(batch.size());
+    const int threads = detail::resolve_threads(options.threads);
+    detail::parallel_for(
+        Index(batch.size()), threads, [] { return 0; },
+        [&](Index b, int&) { project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0); });
+    std::vector<Job> jobs;
+    for (auto& s : seqs) jobs.push_back({&s, s.k.data(), s.k.rows()});
+    attend_all(jobs, options);
+    std::vector<Matrix<S>> out(batch.size());
+    detail::parallel_for(
+        Index(batch.size()), threads, [] { return 0; },
+        [&](Index b, int&) {
+          out[size_t(b)].resize(batch[size_t(b)].rows(), output_width());
+          finish(seqs[size_t(b)].concat, out[size_t(b)]);
+        });
+    return out;
+  }
+
+  /// \brief A cache sized for this layer's keys and values, holding up to `capacity` tokens.
+  KVCache<S> make_cache(Index capacity) const { return KVCache<S>(capacity, c_.kv_heads * c_.head_dim); }
+
+  /// \brief Incremental decoding: appends the keys and values of the new tokens x_new (t x width) to `cache` (RoPE
+  /// at their absolute positions cache.size() ..), then attends from the new tokens over the whole cache, causal and
+  /// bottom-right aligned whatever `options` says. Feeding a sequence token by token gives the rows of one causal
+  /// forward over the whole sequence. Throws attnkit::Error, leaving the cache unchanged, when it would overflow.
+  template <class D>
+  Matrix<S> forward_step(const Eigen::MatrixBase<D>& x_new, KVCache<S>& cache,
+                         const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "MultiHeadAttention::forward_step";
+    if (cache.kv_width_ != c_.kv_heads * c_.head_dim)
+      detail::fail(kWhere, "cache holds rows of ", cache.kv_width_, " values but the layer's keys have H_kv d_head = ",
+                   c_.kv_heads * c_.head_dim);
+    AttentionOptions o = options;
+    o.causal = true;
+    o.align = CausalAlign::kBottomRight;
+    check_inputs(kWhere, x_new, x_new, x_new, o, cache.size() + x_new.rows());
+    cache.check_room(x_new.rows());
+    Sequence seq;
+    project(x_new, x_new, x_new, seq, cache.size());
+    cache.append(seq.k, seq.v);
+    Matrix<S> out(x_new.rows(), output_width());
+    attend_all({Job{&seq, cache.keys_.data(), cache.size(), cache.values_.data()}}, o);
+    finish(seq.concat, out);
+    return out;
+  }
+
+ private:
+  struct Sequence {
+    Matrix<S> q, k, v, concat;
+  };
+  // One sequence's attention: queries from seq, keys and values (rows x H_kv d_head, row-major) at keys / values.
+  struct Job {
+    Sequence* seq;
+    const S* keys;
+    Index key_rows;
+    const S* values = nullptr;  // null: seq->v
+  };
+
+  static MultiHeadConfig resolve(MultiHeadConfig c) {
+    constexpr const char* kWhere = "MultiHeadAttention";
+    if (c.width < 1) detail::fail(kWhere, "config.width must be >= 1, got ", c.width);
+    if (c.heads < 1) detail::fail(kWhere, "config.heads must be >= 1, got ", c.heads);
+    if (c.kv_heads == 0) c.kv_heads = c.heads;
+    if (c.kv_heads < 1 || c.heads % c.kv_heads != 0)
+      detail::fail(kWhere, "config.kv_heads must divide heads (H % H_kv == 0), got H = ", c.heads,
+                   ", H_kv = ", c.kv_heads);
+    if (c.head_dim == 0) {
+      if (c.width % c.heads != 0)
+        detail::fail(kWhere, "config.width = ", c.width, " is not divisible by heads = ", c.heads,
+                     "; set config.head_dim");
+      c.head_dim = c.width / c.heads;
+    }
+    if (c.head_dim < 1) detail::fail(kWhere, "config.head_dim must be >= 1, got ", c.head_dim);
+    if (c.key_width == 0) c.key_width = c.width;
+    if (c.value_width == 0) c.value_width = c.key_width;
+    if (c.key_width < 1 || c.value_width < 1)
+      detail::fail(kWhere, "config.key_width and value_width must be >= 1, got ", c.key_width, " and ", c.value_width);
+    if (c.rope && c.head_dim % 2 != 0) detail::fail(kWhere, "RoPE needs an even head_dim, got ", c.head_dim);
+    if (c.rope && !(c.rope_options.base > 1 && std::isfinite(c.rope_options.base)))
+      detail::fail(kWhere, "config.rope_options.base must be finite and > 1, got ", c.rope_options.base);
+    if (c.output_bias && !c.output_projection) detail::fail(kWhere, "config.output_bias needs output_projection");
+    return c;
+  }
+
+  static Matrix<S> xavier(Index fan_in, Index fan_out, std::mt19937_64& gen) {
+    const double limit = std::sqrt(6.0 / double(fan_in + fan_out));
+    std::uniform_real_distribution<double> dist(-limit, limit);
+    Matrix<S> w(fan_in, fan_out);
+    for (Index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<S>(dist(gen));
+    return w;
+  }
+
+  void check_weight(const char* where, const char* name, const Matrix<S>& w, Index rows, Index cols) const {
+    if (w.rows() != rows || w.cols() != cols)
+      detail::fail(where, name, " is ", detail::shape_str(w.rows(), w.cols()), " but the configuration needs ",
+                   detail::shape_str(rows, cols));
+  }
+
+  template <class DQ, class DK, class DV>
+  void check_inputs(const char* where, const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k,
+                    const Eigen::MatrixBase<DV>& x_v, const AttentionOptions& o, Index keys = -1) const {
+    static_assert(std::is_same_v<typename DQ::Scalar, S> && std::is_same_v<typename DK::Scalar, S> &&
+                      std::is_same_v<typename DV::Scalar, S>,
+                  "inputs must have the layer's scalar type");
+    const Index qw = c_.heads * c_.head_dim, kvw = c_.kv_heads * c_.head_dim;
+    check_weight(where, "w_q", w_q, c_.width, qw);
+    check_weight(where, "w_k", w_k, c_.key_width, kvw);
+    check_weight(where, "w_v", w_v, c_.value_width, kvw);
+    check_weight(where, "w_o", w_o, c_.output_projection ? qw : 0, c_.output_projection ? c_.width : 0);
+    check_weight(where, "b_q", b_q, c_.projection_bias ? 1 : 0, c_.projection_bias ? qw : 0);
+    check_weight(where, "b_k", b_k, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
+    check_weight(where, "b_v", b_v, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
+    check_weight(where, "b_o", b_o, c_.output_bias ? 1 : 0, c_.output_bias ? c_.width : 0);
+    if (x_q.cols() != c_.width)
+      detail::fail(where, "query input is ", detail::shape_str(x_q.rows(), x_q.cols()), " but needs width = ",
+                   c_.width, " columns");
+    if (x_k.cols() != c_.key_width)
+      detail::fail(where, "key input is ", detail::shape_str(x_k.rows(), x_k.cols()), " but needs key_width = ",
+                   c_.key_width, " columns");
+    if (x_v.cols() != c_.value_width)
+      detail::fail(where, "value input is ", detail::shape_str(x_v.rows(), x_v.cols()), " but needs value_width = ",
+                   c_.value_width, " columns");
+    if (x_k.rows() != x_v.rows())
+      detail::fail(where, "key input has ", x_k.rows(), " rows but value input has ", x_v.rows(),
+                   " (one value per key)");
+    if (c_.alibi && o.alibi_slope != 0)
+      detail::fail(where, "ALiBi is on in the config (per-head slopes); leave options.alibi_slope at 0");
+    detail::validate_options(where, o, keys >= 0 ? keys : x_k.rows());
+  }
+
+  void check_out(const char* where, const Eigen::Ref<Matrix<S>>& out, Index n) const {
+    if (out.rows() != n || out.cols() != output_width())
+      detail::fail(where, "out is ", detail::shape_str(out.rows(), out.cols()), " but must be ",
+                   detail::shape_str(n, output_width()));
+  }
+
+  // Projections of one sequence; RoPE with queries and keys at positions first, first + 1, ...
+  template <class DQ, class DK, class DV>
+  void project(const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k, const Eigen::MatrixBase<DV>& x_v,
+               Sequence& s, Index first) const {
+    s.q.noalias() = x_q * w_q;
+    s.k.noalias() = x_k * w_k;
+    s.v.noalias() = x_v * w_v;
+    if (c_.projection_bias) {
+      s.q.rowwise() += b_q.row(0);
+      s.k.rowwise() += b_k.row(0);
+      s.v.rowwise() += b_v.row(0);
+    }
+    if (c_.rope) {
+      const Index dh = c_.head_dim;
+      for (Index h = 0; h < c_.heads; ++h) apply_rope<S>(s.q.middleCols(h * dh, dh), first, c_.rope_options);
+      for (Index h = 0; h < c_.kv_heads; ++h) apply_rope<S>(s.k.middleCols(h * dh, dh), first, c_.rope_options);
+    }
+    s.concat.resize(x_q.rows(), c_.heads * c_.head_dim);
+  }
+
+  // Runs every (job, head) pair: in parallel over the pairs with one thread each when there are at least as many
+  // pairs as threads, else one pair at a time with every thread. Each head's result is the same either way.
+  void attend_all(const std::vector<Job>& jobs, const AttentionOptions& options) const {
+    const Index pairs = Index(jobs.size()) * c_.heads;
+    const int threads = detail::resolve_threads(options.threads);
+    if (pairs >= threads) {
+      detail::parallel_for(
+          pairs, threads, [] { return 0; },
+          [&](Index t, int&) { attend(jobs[size_t(t / c_.heads)], t % c_.heads, options, 1); });
+    } else {
+      for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / c_.heads)], t % c_.heads, options, threads);
+    }
+  }
+
+  void attend(const Job& job, Index h, const AttentionOptions& options, int threads) const {
+    const Index dh = c_.head_dim, kvw = c_.kv_heads * dh, g = h / (c_.heads / c_.kv_heads);
+    using ConstMap = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
+    const ConstMap keys(job.keys + g * dh, job.key_rows, dh, Eigen::OuterStride<>(kvw));
+    const ConstMap values((job.values ? job.values : job.seq->v.data()) + g * dh, job.key_rows, dh,
+                          Eigen::OuterStride<>(kvw));
+    AttentionOptions o = options;
+    o.threads = threads;
+    if (c_.alibi) o.alibi_slope = slopes_[size_t(h)];
+    Matrix<S>& concat = job.seq->concat;
+    detail::sdpa_into("MultiHeadAttention::forward", job.seq->q.middleCols(h * dh, dh), keys, values,
+                      {concat.data() + h * dh, concat.cols(), nullptr}, o);
+  }
+
+  void finish(const Matrix<S>& concat, Eigen::Ref<Matrix<S>> out) const {
+    if (!c_.output_projection) {
+      out = concat;
+      return;
+    }
+    out.noalias() = concat * w_o;
+    if (c_.output_bias) out.rowwise() += b_o.row(0);
+  }
+
+  MultiHeadConfig c_;
+  std::vector<double> slopes_;
+};
+
+}  // namespace attnkit

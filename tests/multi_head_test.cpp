@@ -209,6 +209,34 @@ TYPED_TEST(MultiHeadTest, VariableLengthBatchEqualsPerSequenceCalls) {
   EXPECT_TRUE(layer.forward(std::vector<Matrix<S>>{}, o).empty());
 }
 
+TYPED_TEST(MultiHeadTest, AttentionOnProjectedHeadsEqualsPerHeadOracle) {
+  using S = TypeParam;
+  const Index n = 21, m = 34, heads = 6, kv_heads = 2, dk = 5, dv = 7;
+  const Matrix<S> q = random_matrix<S>(n, heads * dk, 1), k = random_matrix<S>(m, kv_heads * dk, 2);
+  const Matrix<S> v = random_matrix<S>(m, kv_heads * dv, 3);
+  const std::vector<double> slopes = alibi_slopes(heads);
+  for (bool with_slopes : {false, true}) {
+    AttentionOptions o;
+    o.causal = true, o.align = CausalAlign::kTopLeft;
+    Matrix<S> out(n, heads * dv);
+    multi_head_attention(q, k, v, out, heads, kv_heads, o, with_slopes ? slopes : std::vector<double>{});
+    for (Index h = 0; h < heads; ++h) {
+      const Index g = h / (heads / kv_heads);
+      AttentionOptions oh = o;
+      if (with_slopes) oh.alibi_slope = slopes[size_t(h)];
+      const auto expected = naive_attention(q.middleCols(h * dk, dk).template cast<double>(),
+                                            k.middleCols(g * dk, dk).template cast<double>(),
+                                            v.middleCols(g * dv, dv).template cast<double>(), oh);
+      EXPECT_TRUE(all_close(out.middleCols(h * dv, dv), expected.out, this->tol())) << "head " << h;
+    }
+  }
+  Matrix<S> out(n, heads * dv);
+  EXPECT_THROW(multi_head_attention(q, k, v, out, heads, 4), Error);                          // 6 % 4 != 0
+  EXPECT_THROW(multi_head_attention(q, k, v, out, heads, kv_heads, {}, {0.5, 0.25}), Error);  // one slope per head
+  Matrix<S> small(n, dv);
+  EXPECT_THROW(multi_head_attention(q, k, v, small, heads, kv_heads), Error);
+}
+
 TEST(Positions, AlibiSlopesFollowThePaper) {
   const std::vector<double> eight = alibi_slopes(8);
   for (int h = 0; h < 8; ++h) EXPECT_DOUBLE_EQ(eight[size_t(h)], std::pow(2.0, -(h + 1)));

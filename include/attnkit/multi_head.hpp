@@ -17,6 +17,86 @@
 
 namespace attnkit {
 
+namespace detail {
+
+/// One sequence's projected heads: q (n x H d), k and v (m x H_kv d) and out (n x H d), heads as consecutive
+/// column blocks, read and written in place through strided views.
+template <class S>
+struct HeadsJob {
+  StridedView<S> q, k, v;
+  S* out;
+  Index out_stride;
+};
+
+/// Runs every (job, head) pair: in parallel over the pairs, one thread each, when there are at least as many pairs
+/// as threads; otherwise one pair at a time with every thread. Each head's result is the same either way. Query head
+/// h reads key/value head h / (H / H_kv) (GQA); with `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have
+/// been validated: nothing here throws.
+template <class S>
+void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_heads, const std::vector<double>& slopes,
+                  const AttentionOptions& options) {
+  const auto attend = [&](const HeadsJob<S>& job, Index h, int threads) {
+    using View = Eigen::Map<const Matrix<S>, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
+    const auto block = [](const StridedView<S>& x, Index count, Index index) {
+      const Index d = x.cols / count;
+      return View(&x(0, index * d), x.rows, d, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(x.row_stride, x.col_stride));
+    };
+    const Index g = h / (heads / kv_heads), dv = job.v.cols / kv_heads;
+    AttentionOptions o = options;
+    o.threads = threads;
+    if (!slopes.empty()) o.alibi_slope = slopes[size_t(h)];
+    sdpa_into("multi_head_attention", block(job.q, heads, h), block(job.k, kv_heads, g), block(job.v, kv_heads, g),
+              AttentionOutput<S>{job.out + h * dv, job.out_stride, nullptr}, o);
+  };
+  const Index pairs = Index(jobs.size()) * heads;
+  const int threads = resolve_threads(options.threads);
+  if (pairs >= threads) {
+    parallel_for(
+        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(jobs[size_t(t / heads)], t % heads, 1); });
+  } else {
+    for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / heads)], t % heads, threads);
+  }
+}
+
+}  // namespace detail
+
+/// \brief The attention part of multi-head attention, on inputs already projected: q is n x (H d_k), k is
+/// m x (H_kv d_k), v is m x (H_kv d_v), heads as consecutive column blocks; writes out, n x (H d_v). Query head h
+/// reads key/value head h / (H / H_kv) in place (MHA: H_kv = H, MQA: H_kv = 1). With `slopes` (one per head, e.g.
+/// alibi_slopes(H)), head h adds ALiBi with its own slope. Heads run in parallel; the result does not depend on the
+/// thread count.
+template <class DQ, class DK, class DV>
+void multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                          const Eigen::MatrixBase<DV>& v, Eigen::Ref<Matrix<typename DQ::Scalar>> out, Index heads,
+                          Index kv_heads, const AttentionOptions& options = {}, const std::vector<double>& slopes = {}) {
+  using S = typename DQ::Scalar;
+  constexpr const char* kWhere = "multi_head_attention";
+  detail::check_scalars<DQ, DK, DV>();
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
+    detail::fail(kWhere, "heads must be a multiple of kv_heads (H % H_kv == 0), got H = ", heads, ", H_kv = ", kv_heads);
+  if (q.cols() % heads != 0 || k.cols() % kv_heads != 0 || v.cols() % kv_heads != 0 ||
+      q.cols() / heads != k.cols() / kv_heads)
+    detail::fail(kWhere, "q must be n x (H d_k), k m x (H_kv d_k), v m x (H_kv d_v); got q ",
+                 detail::shape_str(q.rows(), q.cols()), ", k ", detail::shape_str(k.rows(), k.cols()), ", v ",
+                 detail::shape_str(v.rows(), v.cols()), " with H = ", heads, ", H_kv = ", kv_heads);
+  detail::check_attention_shapes(kWhere, q.rows(), q.cols() / heads, k.rows(), k.cols() / kv_heads, v.rows(),
+                                 v.cols() / kv_heads);
+  detail::validate_options(kWhere, options, k.rows());
+  if (!slopes.empty() && (Index(slopes.size()) != heads || options.alibi_slope != 0))
+    detail::fail(kWhere, "slopes must hold one ALiBi slope per head (", heads, "), got ", slopes.size(),
+                 ", and options.alibi_slope must then be 0");
+  for (double slope : slopes) detail::check_non_negative_finite(kWhere, "slopes[h]", slope);
+  const Index out_cols = heads * (v.cols() / kv_heads);
+  if (out.rows() != q.rows() || out.cols() != out_cols)
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x (H d_v) = ",
+                 detail::shape_str(q.rows(), out_cols));
+  const detail::ViewOf<DQ> qv(q);
+  const detail::ViewOf<DK> kv(k);
+  const detail::ViewOf<DV> vv(v);
+  detail::attend_heads<S>({{qv.view(), kv.view(), vv.view(), out.data(), out.outerStride()}}, heads, kv_heads, slopes,
+                          options);
+}
+
 /// \brief Shape and features of a MultiHeadAttention layer. Zero means "derive it" where noted.
 struct MultiHeadConfig {
   Index width = 0;                ///< model width: columns of the query input and of the output
@@ -153,7 +233,7 @@ class MultiHeadAttention {
     check_out(kWhere, out, x_q.rows());
     Sequence seq;
     project(x_q, x_k, x_v, seq, 0);
-    attend_all({Job{&seq, seq.k.data(), seq.k.rows()}}, options);
+    attend_all({job(seq)}, options);
     finish(seq.concat, out);
   }
 
@@ -172,8 +252,8 @@ class MultiHeadAttention {
     detail::parallel_for(
         Index(batch.size()), threads, [] { return 0; },
         [&](Index b, int&) { project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0); });
-    std::vector<Job> jobs;
-    for (auto& s : seqs) jobs.push_back({&s, s.k.data(), s.k.rows()});
+    std::vector<detail::HeadsJob<S>> jobs;
+    for (auto& s : seqs) jobs.push_back(job(s));
     attend_all(jobs, options);
     std::vector<Matrix<S>> out(batch.size());
     detail::parallel_for(
@@ -208,7 +288,7 @@ class MultiHeadAttention {
     project(x_new, x_new, x_new, seq, cache.size());
     cache.append(seq.k, seq.v);
     Matrix<S> out(x_new.rows(), output_width());
-    attend_all({Job{&seq, cache.keys_.data(), cache.size(), cache.values_.data()}}, o);
+    attend_all({job(seq, cache.keys_, cache.values_, cache.size())}, o);
     finish(seq.concat, out);
     return out;
   }
@@ -217,13 +297,18 @@ class MultiHeadAttention {
   struct Sequence {
     Matrix<S> q, k, v, concat;
   };
-  // One sequence's attention: queries from seq, keys and values (rows x H_kv d_head, row-major) at keys / values.
-  struct Job {
-    Sequence* seq;
-    const S* keys;
-    Index key_rows;
-    const S* values = nullptr;  // null: seq->v
-  };
+  static detail::StridedView<S> view(const Matrix<S>& x, Index rows) { return {x.data(), rows, x.cols(), x.cols(), 1}; }
+
+  // The attention of one sequence: queries from seq, keys and values from seq or from a cache.
+  static detail::HeadsJob<S> job(Sequence& seq, const Matrix<S>& keys, const Matrix<S>& values, Index key_rows) {
+    return {view(seq.q, seq.q.rows()), view(keys, key_rows), view(values, key_rows), seq.concat.data(),
+            seq.concat.cols()};
+  }
+  static detail::HeadsJob<S> job(Sequence& seq) { return job(seq, seq.k, seq.v, seq.k.rows()); }
+
+  void attend_all(const std::vector<detail::HeadsJob<S>>& jobs, const AttentionOptions& options) const {
+    detail::attend_heads(jobs, c_.heads, c_.kv_heads, slopes_, options);
+  }
 
   static MultiHeadConfig resolve(MultiHeadConfig c) {
     constexpr const char* kWhere = "MultiHeadAttention";
@@ -321,34 +406,6 @@ class MultiHeadAttention {
       for (Index h = 0; h < c_.kv_heads; ++h) apply_rope<S>(s.k.middleCols(h * dh, dh), first, c_.rope_options);
     }
     s.concat.resize(x_q.rows(), c_.heads * c_.head_dim);
-  }
-
-  // Runs every (job, head) pair: in parallel over the pairs with one thread each when there are at least as many
-  // pairs as threads, else one pair at a time with every thread. Each head's result is the same either way.
-  void attend_all(const std::vector<Job>& jobs, const AttentionOptions& options) const {
-    const Index pairs = Index(jobs.size()) * c_.heads;
-    const int threads = detail::resolve_threads(options.threads);
-    if (pairs >= threads) {
-      detail::parallel_for(
-          pairs, threads, [] { return 0; },
-          [&](Index t, int&) { attend(jobs[size_t(t / c_.heads)], t % c_.heads, options, 1); });
-    } else {
-      for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / c_.heads)], t % c_.heads, options, threads);
-    }
-  }
-
-  void attend(const Job& job, Index h, const AttentionOptions& options, int threads) const {
-    const Index dh = c_.head_dim, kvw = c_.kv_heads * dh, g = h / (c_.heads / c_.kv_heads);
-    using ConstMap = Eigen::Map<const Matrix<S>, 0, Eigen::OuterStride<>>;
-    const ConstMap keys(job.keys + g * dh, job.key_rows, dh, Eigen::OuterStride<>(kvw));
-    const ConstMap values((job.values ? job.values : job.seq->v.data()) + g * dh, job.key_rows, dh,
-                          Eigen::OuterStride<>(kvw));
-    AttentionOptions o = options;
-    o.threads = threads;
-    if (c_.alibi) o.alibi_slope = slopes_[size_t(h)];
-    Matrix<S>& concat = job.seq->concat;
-    detail::sdpa_into("MultiHeadAttention::forward", job.seq->q.middleCols(h * dh, dh), keys, values,
-                      {concat.data() + h * dh, concat.cols(), nullptr}, o);
   }
 
   void finish(const Matrix<S>& concat, Eigen::Ref<Matrix<S>> out) const {

@@ -327,6 +327,9 @@ TEST(MultiHeadErrors, BadConfigurationsInputsWeightsAndCaches) {
   EXPECT_EQ(cache.size(), 5);  // unchanged by the failed step
   layer.forward_step(x.topRows(1), cache);
   EXPECT_TRUE(cache.full());
+  cache.truncate(2);
+  EXPECT_EQ(cache.size(), 2);
+  EXPECT_THROW(cache.truncate(3), Error);
   KVCache<float> other(10, 7);
   expect_error([&] { layer.forward_step(x, other); }, "cache holds rows of 7");
   expect_error([&] { layer.forward(std::vector<Matrix<float>>{x, wrong}); }, "sequence 1");

@@ -132,6 +132,11 @@ class KVCache {
   Index capacity() const { return capacity_; }
   bool full() const { return size_ == capacity_; }
   void clear() { size_ = 0; }
+  /// Forgets every token past the first `size` (rolling back a speculative or beam-search step); keeps the storage.
+  void truncate(Index size) {
+    if (size < 0 || size > size_) detail::fail("KVCache::truncate", "size must be in [0, ", size_, "], got ", size);
+    size_ = size;
+  }
 
   /// The cached keys and values, size() x (H_kv d_head), heads as consecutive column blocks; RoPE already applied.
   auto keys() const { return keys_.topRows(size_); }
@@ -231,10 +236,11 @@ class MultiHeadAttention {
     constexpr const char* kWhere = "MultiHeadAttention::forward";
     check_inputs(kWhere, x_q, x_k, x_v, options);
     check_out(kWhere, out, x_q.rows());
+    const int threads = detail::resolve_threads(options.threads);
     Sequence seq;
-    project(x_q, x_k, x_v, seq, 0);
+    project(x_q, x_k, x_v, seq, 0, threads);
     attend_all({job(seq)}, options);
-    finish(seq.concat, out);
+    finish(seq.concat, out, threads);
   }
 
   /// \brief Variable-length batch: forward(x) for every sequence (each n_b x width), in parallel across sequences and
@@ -251,7 +257,7 @@ class MultiHeadAttention {
     const int threads = detail::resolve_threads(options.threads);
     detail::parallel_for(
         Index(batch.size()), threads, [] { return 0; },
-        [&](Index b, int&) { project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0); });
+        [&](Index b, int&) { project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0, 1); });
     std::vector<detail::HeadsJob<S>> jobs;
     for (auto& s : seqs) jobs.push_back(job(s));
     attend_all(jobs, options);
@@ -260,7 +266,7 @@ class MultiHeadAttention {
         Index(batch.size()), threads, [] { return 0; },
         [&](Index b, int&) {
           out[size_t(b)].resize(batch[size_t(b)].rows(), output_width());
-          finish(seqs[size_t(b)].concat, out[size_t(b)]);
+          finish(seqs[size_t(b)].concat, out[size_t(b)], 1);
         });
     return out;
   }
@@ -284,12 +290,13 @@ class MultiHeadAttention {
     o.align = CausalAlign::kBottomRight;
     check_inputs(kWhere, x_new, x_new, x_new, o, cache.size() + x_new.rows());
     cache.check_room(x_new.rows());
+    const int threads = detail::resolve_threads(o.threads);
     Sequence seq;
-    project(x_new, x_new, x_new, seq, cache.size());
+    project(x_new, x_new, x_new, seq, cache.size(), threads);
     cache.append(seq.k, seq.v);
     Matrix<S> out(x_new.rows(), output_width());
     attend_all({job(seq, cache.keys_, cache.values_, cache.size())}, o);
-    finish(seq.concat, out);
+    finish(seq.concat, out, threads);
     return out;
   }
 
@@ -388,18 +395,27 @@ class MultiHeadAttention {
                    detail::shape_str(n, output_width()));
   }
 
+  // y = x w + b over fixed chunks of rows, in parallel; the chunks do not depend on the thread count.
+  template <class D>
+  static void dense(const Eigen::MatrixBase<D>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
+    constexpr Index kChunk = 64;
+    y.resize(x.rows(), w.cols());
+    detail::parallel_for(
+        (x.rows() + kChunk - 1) / kChunk, threads, [] { return 0; },
+        [&](Index c, int&) {
+          const Index r0 = c * kChunk, rows = std::min(kChunk, x.rows() - r0);
+          y.middleRows(r0, rows).noalias() = x.middleRows(r0, rows) * w;
+          if (b.size() > 0) y.middleRows(r0, rows).rowwise() += b.row(0);
+        });
+  }
+
   // Projections of one sequence; RoPE with queries and keys at positions first, first + 1, ...
   template <class DQ, class DK, class DV>
   void project(const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k, const Eigen::MatrixBase<DV>& x_v,
-               Sequence& s, Index first) const {
-    s.q.noalias() = x_q * w_q;
-    s.k.noalias() = x_k * w_k;
-    s.v.noalias() = x_v * w_v;
-    if (c_.projection_bias) {
-      s.q.rowwise() += b_q.row(0);
-      s.k.rowwise() += b_k.row(0);
-      s.v.rowwise() += b_v.row(0);
-    }
+               Sequence& s, Index first, int threads) const {
+    dense(x_q, w_q, b_q, s.q, threads);
+    dense(x_k, w_k, b_k, s.k, threads);
+    dense(x_v, w_v, b_v, s.v, threads);
     if (c_.rope) {
       const Index dh = c_.head_dim;
       for (Index h = 0; h < c_.heads; ++h) apply_rope<S>(s.q.middleCols(h * dh, dh), first, c_.rope_options);
@@ -408,13 +424,14 @@ class MultiHeadAttention {
     s.concat.resize(x_q.rows(), c_.heads * c_.head_dim);
   }
 
-  void finish(const Matrix<S>& concat, Eigen::Ref<Matrix<S>> out) const {
+  void finish(const Matrix<S>& concat, Eigen::Ref<Matrix<S>> out, int threads) const {
     if (!c_.output_projection) {
       out = concat;
       return;
     }
-    out.noalias() = concat * w_o;
-    if (c_.output_bias) out.rowwise() += b_o.row(0);
+    Matrix<S> y;
+    dense(concat, w_o, b_o, y, threads);
+    out = y;
   }
 
   MultiHeadConfig c_;

@@ -41,15 +41,15 @@ struct KernelShape {
 
 constexpr Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
 
-/// C = beta .* C + A B for one kRows x (NP packets) block: A is kRows rows at stride lda, B is depth rows of
+/// C = beta .* C + A B for one R x (NP packets) block (R <= kRows): A is R rows at stride lda, B is depth rows of
 /// NP * kPacket contiguous values at stride ldb. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero a(r, k)
 /// contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
-template <class S, int NP, bool kSkipZeros>
+template <class S, int kRows, int NP, bool kSkipZeros>
 inline void micro_kernel(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc, const S* beta) {
   using namespace Eigen::internal;
   using K = KernelShape<S>;
   using Packet = typename K::Packet;
-  constexpr int kRows = K::kRows, P = K::kPacket;
+  constexpr int P = K::kPacket;
   Packet acc[kRows][NP];
   ATTNKIT_UNROLL
   for (int r = 0; r < kRows; ++r) {
@@ -79,13 +79,17 @@ inline void micro_kernel(const S* a, Index lda, const S* b, Index ldb, Index dep
   }
 }
 
-template <class S, bool kSkipZeros, int NP = KernelShape<S>::kPackets>
-inline void micro_kernel_width(int packets, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c,
+/// Dispatches a block of `rows` (1..kRows) rows and `packets` (1..kPackets) packets to its unrolled micro-kernel.
+template <class S, bool kSkipZeros, int R = KernelShape<S>::kRows, int NP = KernelShape<S>::kPackets>
+inline void micro_kernel_block(int rows, int packets, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c,
                                Index ldc, const S* beta) {
-  if constexpr (NP > 1) {
-    if (packets < NP) return micro_kernel_width<S, kSkipZeros, NP - 1>(packets, a, lda, b, ldb, depth, c, ldc, beta);
+  if constexpr (R > 1) {
+    if (rows < R) return micro_kernel_block<S, kSkipZeros, R - 1, NP>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
   }
-  micro_kernel<S, NP, kSkipZeros>(a, lda, b, ldb, depth, c, ldc, beta);
+  if constexpr (NP > 1) {
+    if (packets < NP) return micro_kernel_block<S, kSkipZeros, R, NP - 1>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
+  }
+  micro_kernel<S, R, NP, kSkipZeros>(a, lda, b, ldb, depth, c, ldc, beta);
 }
 
 /// The right-hand side B of a tile product, as panels of kCols columns: panel p starts at data + p * panel_stride
@@ -97,7 +101,8 @@ struct RhsPanels {
   Index row_stride;
 };
 
-/// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], rows a multiple of kRows and cols of kPacket.
+/// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], cols a multiple of kPacket. A last block of fewer
+/// than kRows rows gets a smaller kernel, so short tiles (a decoding query) do no padded work.
 template <class S, bool kSkipZeros>
 void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Index depth, Index cols, S* c, Index ldc,
                   const S* beta) {
@@ -108,8 +113,8 @@ void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Inde
     const int packets = static_cast<int>(width / K::kPacket);
     const Index ldb = b.row_stride > 0 ? b.row_stride : width;
     for (Index r = 0; r < rows; r += K::kRows)
-      micro_kernel_width<S, kSkipZeros>(packets, a + r * lda, lda, panel, ldb, depth, c + r * ldc + col, ldc,
-                                        beta ? beta + r : nullptr);
+      micro_kernel_block<S, kSkipZeros>(static_cast<int>(std::min<Index>(K::kRows, rows - r)), packets, a + r * lda,
+                                        lda, panel, ldb, depth, c + r * ldc + col, ldc, beta ? beta + r : nullptr);
   }
 }
 

@@ -15,7 +15,7 @@
 
 namespace attnkit::detail {
 
-/// Tile sizes of one call. rows is a multiple of the micro-kernel's rows. Defaults keep a query tile's scores,
+/// Tile sizes of one call. Defaults keep a query tile's scores,
 /// packed keys and values (about rows*cols + 2*cols*d floats) inside a 1 MiB L2 cache.
 struct TilePlan {
   Index rows = 0;
@@ -27,11 +27,12 @@ TilePlan plan_tiles(Index n, Index m, const AttentionOptions& o) {
   using K = KernelShape<S>;
   const Index rows = o.query_tile > 0 ? o.query_tile : 16 * K::kRows;
   const Index cols = o.key_tile > 0 ? o.key_tile : 256;
-  return {round_up(std::min(rows, std::max<Index>(n, 1)), K::kRows),
+  return {std::min(round_up(rows, K::kRows), std::max<Index>(n, 1)),
           round_up(std::min(cols, std::max<Index>(m, 1)), K::kPacket)};
 }
 
-/// Per-thread scratch of the fused loop, allocated once per call and worker.
+/// Per-thread scratch of the fused loop, allocated once per call and worker. Not zero-filled: every value the loop
+/// reads it has written first (packing zero-pads, scores and accumulators are produced before use).
 template <class S>
 struct AttentionWorkspace {
   using Buffer = Eigen::Matrix<S, Eigen::Dynamic, 1>;
@@ -42,12 +43,12 @@ struct AttentionWorkspace {
   AttentionWorkspace(const TilePlan& plan, Index d, Index dv) {
     using K = KernelShape<S>;
     const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
-    queries.setZero(plan.rows * d);
-    keys.setZero(round_up(cols, K::kCols) * d);
-    values.setZero(plan.cols * round_up(dv_pad, K::kCols));
-    scores.setZero(plan.rows * cols);
-    acc.setZero(plan.rows * dv_pad);
-    alpha.setZero(plan.rows);
+    queries.resize(plan.rows * d);
+    keys.resize(round_up(cols, K::kCols) * d);
+    values.resize(plan.cols * round_up(dv_pad, K::kCols));
+    scores.resize(plan.rows * cols);
+    acc.resize(plan.rows * dv_pad);
+    alpha.resize(plan.rows);
     ranges.resize(plan.rows);
     stats.resize(plan.rows);
   }
@@ -88,7 +89,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
 
   auto make_workspace = [&] { return AttentionWorkspace<S>(plan, d, dv); };
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
-    const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0), rows_pad = round_up(rows, K::kRows);
+    const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
     Index key_begin = m, key_end = 0;
     for (Index r = 0; r < rows; ++r) {
       const KeyRange g = mask.row_range(i0 + r);
@@ -99,15 +100,14 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       for (Index c = 0; c < d; ++c) qrow[c] = row_scale * q(i0 + r, c);
     }
     std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
-    ws.acc.head(rows_pad * dv_pad).setZero();
-    ws.alpha.head(rows_pad).setZero();
+    ws.acc.head(rows * dv_pad).setZero();
 
     for (Index j0 = key_begin; j0 < key_end; j0 += plan.cols) {
       const Index cols = std::min(plan.cols, key_end - j0), cols_pad = round_up(cols, K::kPacket);
       const TileKind kind = mask.classify(ws.ranges.data(), rows, j0, cols);
       if (kind == TileKind::kEmpty) continue;
       pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-      tile_product<S, false>(ws.queries.data(), d, rows_pad, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d,
+      tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d,
                              cols_pad, ws.scores.data(), cols_pad, nullptr);
       for (Index r = 0; r < rows; ++r) {
         S* row = ws.scores.data() + r * cols_pad;
@@ -122,10 +122,10 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         values = {ws.values.data(), cols * K::kCols, 0};
       }
       if (kind == TileKind::kPartial)
-        tile_product<S, true>(ws.scores.data(), cols_pad, rows_pad, values, cols, dv_pad, ws.acc.data(), dv_pad,
+        tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
                               ws.alpha.data());
       else
-        tile_product<S, false>(ws.scores.data(), cols_pad, rows_pad, values, cols, dv_pad, ws.acc.data(), dv_pad,
+        tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
                                ws.alpha.data());
     }
 

@@ -1,0 +1,100 @@
+// Multi-head attention: the whole layer (projections + attention), the attention part alone on projected heads
+// (to compare with bench_sdpa's bare fused kernel), and one decoding step over a KV cache. Float, all threads.
+//
+// FLOPs of a forward over n tokens, width W, H heads of d, H_kv key/value heads:
+//   projections 2 n W (2 H d + 2 H_kv d), attention 4 d H per allowed pair (n^2 here).
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+
+namespace attnkit::bench {
+namespace {
+
+struct Shape {
+  Index width, heads, kv_heads;
+};
+
+MultiHeadConfig config_of(const Shape& s) {
+  MultiHeadConfig c;
+  c.width = s.width, c.heads = s.heads, c.kv_heads = s.kv_heads, c.rope = true;
+  return c;
+}
+
+double projection_flops(const Shape& s, Index n) {
+  const double d = double(s.width / s.heads);
+  return 2.0 * double(n) * double(s.width) * (2.0 * double(s.heads) * d + 2.0 * double(s.kv_heads) * d);
+}
+
+void BM_MhaForward(benchmark::State& state) {
+  const Shape s{state.range(0), state.range(1), state.range(2)};
+  const Index n = state.range(3);
+  const MultiHeadAttention<float> layer(config_of(s), 1);
+  const Matrix<float> x = random_matrix<float>(n, s.width, 2);
+  Matrix<float> out(n, s.width);
+  const int64_t heap = measure_peak_heap([&] { layer.forward_into(x, out); });
+  for (auto _ : state) {
+    layer.forward_into(x, out);
+    benchmark::ClobberMemory();
+  }
+  const int threads = detail::resolve_threads(0);
+  report(state, projection_flops(s, n) + attention_flops(double(n) * double(n), s.width / s.heads,
+                                                         s.width / s.heads) * double(s.heads),
+         threads, heap);
+}
+
+void BM_MhaAttentionOnly(benchmark::State& state) {
+  const Shape s{state.range(0), state.range(1), state.range(2)};
+  const Index n = state.range(3), d = s.width / s.heads;
+  const Matrix<float> q = random_matrix<float>(n, s.heads * d, 1), k = random_matrix<float>(n, s.kv_heads * d, 2);
+  const Matrix<float> v = random_matrix<float>(n, s.kv_heads * d, 3);
+  Matrix<float> out(n, s.heads * d);
+  const int64_t heap = measure_peak_heap([&] { multi_head_attention(q, k, v, out, s.heads, s.kv_heads); });
+  for (auto _ : state) {
+    multi_head_attention(q, k, v, out, s.heads, s.kv_heads);
+    benchmark::ClobberMemory();
+  }
+  report(state, attention_flops(double(n) * double(n), d, d) * double(s.heads), detail::resolve_threads(0), heap);
+}
+
+/// One new token against a cache of `cached` tokens; the cache is rolled back after each step.
+void BM_MhaDecodeStep(benchmark::State& state) {
+  const Shape s{state.range(0), state.range(1), state.range(2)};
+  const Index cached = state.range(3), d = s.width / s.heads;
+  const MultiHeadAttention<float> layer(config_of(s), 1);
+  KVCache<float> cache = layer.make_cache(cached + 1);
+  layer.forward_step(random_matrix<float>(cached, s.width, 2), cache);
+  const Matrix<float> token = random_matrix<float>(1, s.width, 3);
+  const int64_t heap = measure_peak_heap([&] {
+    layer.forward_step(token, cache);
+    cache.truncate(cached);
+  });
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(layer.forward_step(token, cache).data());
+    cache.truncate(cached);
+  }
+  report(state, projection_flops(s, 1) + attention_flops(double(cached + 1), d, d) * double(s.heads),
+         detail::resolve_threads(0), heap);
+  const double kv_bytes = 2.0 * double(cached + 1) * double(s.kv_heads * d) * sizeof(float);
+  state.counters["KV_GBps"] = benchmark::Counter(kv_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void layer_shapes(benchmark::internal::Benchmark* b, const std::vector<int64_t>& lengths) {
+  b->ArgNames({"width", "heads", "kv_heads", "n"});
+  for (const Shape& s : {Shape{512, 8, 8}, Shape{1024, 16, 4}})
+    for (int64_t n : lengths) b->Args({s.width, s.heads, s.kv_heads, n});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK(BM_MhaForward)->Apply([](auto* b) { layer_shapes(b, {128, 256, 512, 1024, 2048, 4096, 8192}); });
+BENCHMARK(BM_MhaAttentionOnly)->Apply([](auto* b) { layer_shapes(b, {128, 256, 512, 1024, 2048, 4096, 8192}); });
+BENCHMARK(BM_MhaDecodeStep)->Apply([](auto* b) {
+  b->ArgNames({"width", "heads", "kv_heads", "m"});
+  for (int64_t m : {128, 1024, 4096, 16384}) b->Args({1024, 16, 4, m});
+  b->UseRealTime()->Unit(benchmark::kMicrosecond);
+});
+
+}  // namespace
+}  // namespace attnkit::bench
+
+ATTNKIT_BENCHMARK_MAIN()

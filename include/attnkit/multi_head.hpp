@@ -28,33 +28,39 @@ struct HeadsJob {
   Index out_stride;
 };
 
-/// Runs every (job, head) pair: in parallel over the pairs, one thread each, when there are at least as many pairs
-/// as threads; otherwise one pair at a time with every thread. Each head's result is the same either way. Query head
-/// h reads key/value head h / (H / H_kv) (GQA); with `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have
-/// been validated: nothing here throws.
+/// Runs every (job, key/value head) pair as one fused call whose query rows stack the H / H_kv query heads that
+/// share that key/value head (GQA, MQA): K and V are packed and read once per group, not once per query head. The
+/// stacking is a grouped view, not a copy. Pairs run in parallel, one thread each, when there are at least as many
+/// pairs as threads; otherwise one at a time with every thread. Each head's result is the same either way. With
+/// `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have been validated: nothing here throws.
 template <class S>
 void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_heads, const std::vector<double>& slopes,
                   const AttentionOptions& options) {
-  const auto attend = [&](const HeadsJob<S>& job, Index h, int threads) {
-    using View = Eigen::Map<const Matrix<S>, 0, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>>;
-    const auto block = [](const StridedView<S>& x, Index count, Index index) {
-      const Index d = x.cols / count;
-      return View(&x(0, index * d), x.rows, d, Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>(x.row_stride, x.col_stride));
+  const Index group = heads / kv_heads;
+  const auto attend = [&](const HeadsJob<S>& job, Index g, int threads) {
+    const Index n = job.q.rows, dk = job.q.cols / heads, dv = job.v.cols / kv_heads;
+    const auto columns = [](const StridedView<S>& x, Index first, Index count) {
+      StridedView<S> c = x;
+      c.data = x.data + first * x.col_stride, c.cols = count;
+      return c;
     };
-    const Index g = h / (heads / kv_heads), dv = job.v.cols / kv_heads;
+    StridedView<S> q = columns(job.q, g * group * dk, dk);
+    q.rows = group * n, q.group_rows = std::max<Index>(n, 1), q.group_stride = dk * job.q.col_stride;
+    const AttentionOutput<S> out{job.out + g * group * dv, job.out_stride, nullptr, std::max<Index>(n, 1), dv};
     AttentionOptions o = options;
     o.threads = threads;
-    if (!slopes.empty()) o.alibi_slope = slopes[size_t(h)];
-    sdpa_into("multi_head_attention", block(job.q, heads, h), block(job.k, kv_heads, g), block(job.v, kv_heads, g),
-              AttentionOutput<S>{job.out + h * dv, job.out_stride, nullptr}, o);
+    const MaskModel<S> mask(group * n, job.k.rows, o, {},
+                            {std::max<Index>(n, 1), slopes.empty() ? nullptr : slopes.data() + g * group});
+    fused_attention(q, columns(job.k, g * dk, dk), columns(job.v, g * dv, dv), mask, resolve_scale<S>(o, dk), o,
+                    out);
   };
-  const Index pairs = Index(jobs.size()) * heads;
+  const Index pairs = Index(jobs.size()) * kv_heads;
   const int threads = resolve_threads(options.threads);
   if (pairs >= threads) {
     parallel_for(
-        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(jobs[size_t(t / heads)], t % heads, 1); });
+        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(jobs[size_t(t / kv_heads)], t % kv_heads, 1); });
   } else {
-    for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / heads)], t % heads, threads);
+    for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / kv_heads)], t % kv_heads, threads);
   }
 }
 

@@ -2,7 +2,7 @@
 //
 // A mask is split in two parts so tiles can be classified cheaply:
 //  - an interval [begin, end) of keys per query row, from causal, sliding window and key padding
-//    (each row's interval moves monotonically with i, so whole tiles are empty or full);
+//    (neighbouring rows have neighbouring intervals, so most tiles are wholly empty or wholly full);
 //  - an optional element-wise part: a boolean matrix and/or a user predicate allowed(i, j).
 // Score modifiers (a user score(s, i, j), softcap, additive bias, ALiBi) change allowed logits.
 #pragma once
@@ -42,6 +42,14 @@ struct KeyRange {
 
 enum class TileKind { kEmpty, kFull, kPartial };
 
+/// Query rows that fold several heads over the same keys (grouped-query attention): row i is token
+/// i % rows_per_group of head i / rows_per_group, and that head's ALiBi slope is slopes[i / rows_per_group].
+/// rows_per_group == 0 means one group of all rows.
+struct RowGroups {
+  Index rows_per_group = 0;
+  const double* slopes = nullptr;  // one per group, or null for options.alibi_slope
+};
+
 /// The mask and logit transform of one attention call over n queries and m keys.
 template <class S, class AllowedFn = NoAllowedFn, class ScoreFn = NoScoreFn>
 class MaskModel {
@@ -49,15 +57,23 @@ class MaskModel {
   static constexpr bool kHasAllowedFn = !std::is_same_v<AllowedFn, NoAllowedFn>;
   static constexpr bool kHasScoreFn = !std::is_same_v<ScoreFn, NoScoreFn>;
 
-  MaskModel(Index n, Index m, const AttentionOptions& o, const MaskExtras<S, AllowedFn, ScoreFn>& extras)
-      : n_(n), m_(m), offset_(alignment_offset(o, n, m)), o_(o), extras_(extras) {}
+  /// With row groups, positions and alignment are those of a group's rows; element-wise extras see raw row indices.
+  MaskModel(Index n, Index m, const AttentionOptions& o, const MaskExtras<S, AllowedFn, ScoreFn>& extras,
+            RowGroups groups = {})
+      : n_(n),
+        m_(m),
+        period_(groups.rows_per_group > 0 ? groups.rows_per_group : std::max<Index>(n, 1)),
+        offset_(alignment_offset(o, period_, m)),
+        slopes_(groups.slopes),
+        o_(o),
+        extras_(extras) {}
 
   Index queries() const { return n_; }
   Index keys() const { return m_; }
 
   /// The contiguous part of row i's allowed keys: causal, window and key padding.
   KeyRange row_range(Index i) const {
-    const Index a = i + offset_;
+    const Index a = i % period_ + offset_;
     Index begin = 0, end = o_.key_length >= 0 ? o_.key_length : m_;
     if (o_.causal) end = std::min(end, a + 1);
     if (o_.window_left >= 0) begin = std::max(begin, a - o_.window_left);
@@ -90,7 +106,7 @@ class MaskModel {
   }
 
   bool modifies_scores() const {
-    return kHasScoreFn || o_.softcap > 0 || extras_.bias != nullptr || o_.alibi_slope > 0;
+    return kHasScoreFn || o_.softcap > 0 || extras_.bias != nullptr || o_.alibi_slope > 0 || slopes_ != nullptr;
   }
 
   /// score callable -> softcap -> bias + ALiBi, on the scaled logits row[c] = s(i, j0 + c), c < count.
@@ -107,9 +123,10 @@ class MaskModel {
       const StridedView<S>& b = *extras_.bias;
       for (Index c = 0; c < count; ++c) row[c] += b(i, j0 + c);
     }
-    if (o_.alibi_slope > 0) {
-      const S slope = static_cast<S>(o_.alibi_slope);
-      const Index a = i + offset_;
+    const double alibi = slopes_ ? slopes_[i / period_] : o_.alibi_slope;
+    if (alibi > 0) {
+      const S slope = static_cast<S>(alibi);
+      const Index a = i % period_ + offset_;
       for (Index c = 0; c < count; ++c) row[c] -= slope * static_cast<S>(std::abs(a - (j0 + c)));
     }
   }
@@ -141,7 +158,8 @@ class MaskModel {
   }
 
  private:
-  Index n_, m_, offset_;
+  Index n_, m_, period_, offset_;
+  const double* slopes_;
   AttentionOptions o_;
   MaskExtras<S, AllowedFn, ScoreFn> extras_;
 };

@@ -62,12 +62,19 @@ struct AttentionWorkspace {
   }
 };
 
-/// The destination of a fused call: out (n x dv, row stride out_stride) and, optionally, the per-row log-sum-exp.
+/// The destination of a fused call: out (n x dv, row stride `stride`) and, optionally, the per-row log-sum-exp.
+/// Rows may fold groups like StridedView (group_rows > 0: row i is row i % group_rows of group i / group_rows).
 template <class S>
 struct AttentionOutput {
   S* data;
   Index stride;
   S* lse;  // may be null
+  Index group_rows = 0;
+  Index group_stride = 0;
+
+  S* row(Index i) const {
+    return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * stride : data + i * stride;
+  }
 };
 
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, classify,
@@ -97,7 +104,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       if (!g.empty()) key_begin = std::min(key_begin, g.begin), key_end = std::max(key_end, g.end);
       const S row_scale = mask.row_scale(i0 + r, scale);
       S* qrow = ws.queries.data() + r * d;
-      for (Index c = 0; c < d; ++c) qrow[c] = row_scale * q(i0 + r, c);
+      const S* src = q.row(i0 + r);
+      for (Index c = 0; c < d; ++c) qrow[c] = row_scale * src[c * q.col_stride];
     }
     std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
     ws.acc.head(rows * dv_pad).setZero();
@@ -132,7 +140,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     for (Index r = 0; r < rows; ++r) {
       const S inv = ws.stats[r].inverse_sum();
       const S* a = ws.acc.data() + r * dv_pad;
-      S* dst = out.data + (i0 + r) * out.stride;
+      S* dst = out.row(i0 + r);
       for (Index c = 0; c < dv; ++c) dst[c] = a[c] * inv;
       if (out.lse) out.lse[i0 + r] = ws.stats[r].log_sum_exp();
     }

@@ -83,14 +83,8 @@ class MultiHeadTest : public ::testing::Test {
   }
 };
 
-struct ScalarName {
-  template <class S>
-  static std::string GetName(int) {
-    return std::is_same_v<S, float> ? "float" : "double";
-  }
-};
 using Scalars = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(MultiHeadTest, Scalars, ScalarName);
+TYPED_TEST_SUITE(MultiHeadTest, Scalars, testing::ScalarName);
 
 MultiHeadConfig config(Index width, Index heads, Index kv_heads) {
   MultiHeadConfig c;

@@ -55,14 +55,8 @@ class SdpaTest : public ::testing::Test {
   }
 };
 
-struct ScalarName {
-  template <class S>
-  static std::string GetName(int) {
-    return std::is_same_v<S, float> ? "float" : "double";
-  }
-};
 using Scalars = ::testing::Types<float, double>;
-TYPED_TEST_SUITE(SdpaTest, Scalars, ScalarName);
+TYPED_TEST_SUITE(SdpaTest, Scalars, testing::ScalarName);
 
 TYPED_TEST(SdpaTest, SizesSweep) {
   Index case_id = 0;

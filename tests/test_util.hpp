@@ -18,6 +18,14 @@ namespace attnkit::testing {
 
 using MatD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
+/// Names typed tests by scalar: SdpaTest/float, SdpaTest/double.
+struct ScalarName {
+  template <class S>
+  static std::string GetName(int) {
+    return std::is_same_v<S, float> ? "float" : "double";
+  }
+};
+
 template <class S>
 Matrix<S> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.0) {
   std::mt19937 gen(seed);

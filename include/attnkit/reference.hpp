@@ -51,9 +51,7 @@ Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase
                                                          const AttentionOptions& options = {},
                                                          const Extras&... extras) {
   using S = typename DQ::Scalar;
-  detail::check_scalars<DQ, DK, DV>();
-  detail::check_attention_shapes("reference::scaled_dot_product_attention", q.rows(), q.cols(), k.rows(), k.cols(),
-                                 v.rows(), v.cols());
+  detail::check_sdpa_call("reference::scaled_dot_product_attention", q, k, v, options);
   const Matrix<S> p = attention_weights(q, k, options, extras...);
   Matrix<S> out = Matrix<S>::Zero(q.rows(), v.cols());
   if (v.allFinite()) {

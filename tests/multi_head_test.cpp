@@ -185,6 +185,27 @@ TYPED_TEST(MultiHeadTest, DecodingTokenByTokenEqualsOneCausalForward) {
   }
 }
 
+TYPED_TEST(MultiHeadTest, DecodingOverALongCacheSplitsKeysAndStillEqualsTheFullForward) {
+  using S = TypeParam;
+  for (Index kv_heads : {1, 2, 8}) {
+    MultiHeadConfig c = config(32, 8, kv_heads);
+    c.rope = true, c.alibi = true;
+    MultiHeadAttention<S> layer(c, 17);
+    const Index n = 1100;
+    const Matrix<S> x = random_matrix<S>(n, 32, 19);
+    AttentionOptions o;
+    o.causal = true;
+    const Matrix<S> full = layer.forward(x, o);
+    KVCache<S> cache = layer.make_cache(n);
+    layer.forward_step(x.topRows(n - 3), cache);
+    for (Index t = n - 3; t < n; ++t) {
+      const Matrix<S> step = layer.forward_step(x.middleRows(t, 1), cache);
+      EXPECT_TRUE(all_close(step, full.middleRows(t, 1).template cast<double>(), this->tol() * 10))
+          << "H_kv " << kv_heads << " token " << t;
+    }
+  }
+}
+
 TYPED_TEST(MultiHeadTest, VariableLengthBatchEqualsPerSequenceCalls) {
   using S = TypeParam;
   MultiHeadConfig c = config(32, 4, 2);

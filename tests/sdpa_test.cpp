@@ -146,6 +146,42 @@ TYPED_TEST(SdpaTest, BiasMaskAndCallables) {
   }
 }
 
+// A few queries over many keys take the split-K path (chunks of keys merged through their log-sum-exps).
+TYPED_TEST(SdpaTest, FewQueriesOverManyKeysSplitAcrossKeyChunks) {
+  using S = TypeParam;
+  for (const auto& c : option_cases()) {
+    SCOPED_TRACE(c.name);
+    for (Index n : {1, 2, 5})
+      for (Index m : {1024, 1537, 4099}) {
+        AttentionOptions o = c.options;
+        if (o.key_length >= 0) o.key_length = o.key_length == 1 ? m / 3 : m - 700;
+        this->check(n, m, 16, 24, o, {});
+      }
+  }
+  const Index n = 3, m = 2100;
+  const Matrix<S> bias = random_matrix<S>(n, m, 5);
+  BoolMatrix mask(n, m);
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < m; ++j) mask(i, j) = (j * 7 + i) % 11 != 0 && j < 1900 - 300 * i;
+  const MatD bias_d = bias.template cast<double>();
+  AttentionOptions causal;
+  causal.causal = true;
+  this->check(n, m, 8, 8, causal, NaiveExtras{&bias_d, &mask, {}, {}}, bias, mask);
+}
+
+TYPED_TEST(SdpaTest, SplitKeysAreBitIdenticalForAnyThreadCount) {
+  using S = TypeParam;
+  const Matrix<S> q = random_matrix<S>(2, 64, 1), k = random_matrix<S>(5000, 64, 2), v = random_matrix<S>(5000, 64, 3);
+  AttentionOptions o;
+  o.threads = 1;
+  const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
+  for (int threads : {2, 3, 8}) {
+    o.threads = threads;
+    const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
+    EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0) << threads;
+  }
+}
+
 TYPED_TEST(SdpaTest, FullyMaskedRowsAreZeroWithMinusInfinityLse) {
   using S = TypeParam;
   // Bottom-right causal with n > m: the first n - m queries precede every key.

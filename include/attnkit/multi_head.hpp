@@ -37,30 +37,62 @@ template <class S>
 void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_heads, const std::vector<double>& slopes,
                   const AttentionOptions& options) {
   const Index group = heads / kv_heads;
-  const auto attend = [&](const HeadsJob<S>& job, Index g, int threads) {
-    const Index n = job.q.rows, dk = job.q.cols / heads, dv = job.v.cols / kv_heads;
+  const int threads = resolve_threads(options.threads);
+  // The stacked query rows of key/value head g, its keys and values, and where its output rows go.
+  struct GroupCall {
+    StridedView<S> q, k, v;
+    AttentionOutput<S> out;
+    MaskModel<S> mask;
+    S scale;
+  };
+  const auto group_call = [&](const HeadsJob<S>& job, Index g, const AttentionOptions& o) {
+    const Index n = job.q.rows, dk = job.q.cols / heads, dv = job.v.cols / kv_heads, period = std::max<Index>(n, 1);
     const auto columns = [](const StridedView<S>& x, Index first, Index count) {
       StridedView<S> c = x;
       c.data = x.data + first * x.col_stride, c.cols = count;
       return c;
     };
     StridedView<S> q = columns(job.q, g * group * dk, dk);
-    q.rows = group * n, q.group_rows = std::max<Index>(n, 1), q.group_stride = dk * job.q.col_stride;
-    const AttentionOutput<S> out{job.out + g * group * dv, job.out_stride, nullptr, std::max<Index>(n, 1), dv};
-    AttentionOptions o = options;
-    o.threads = threads;
-    const MaskModel<S> mask(group * n, job.k.rows, o, {},
-                            {std::max<Index>(n, 1), slopes.empty() ? nullptr : slopes.data() + g * group});
-    fused_attention(q, columns(job.k, g * dk, dk), columns(job.v, g * dv, dv), mask, resolve_scale<S>(o, dk), o,
-                    out);
+    q.rows = group * n, q.group_rows = period, q.group_stride = dk * job.q.col_stride;
+    return GroupCall{q,
+                     columns(job.k, g * dk, dk),
+                     columns(job.v, g * dv, dv),
+                     AttentionOutput<S>{job.out + g * group * dv, job.out_stride, nullptr, period, dv},
+                     MaskModel<S>(group * n, job.k.rows, o, {},
+                                  {period, slopes.empty() ? nullptr : slopes.data() + g * group}),
+                     resolve_scale<S>(o, dk)};
   };
-  const Index pairs = Index(jobs.size()) * kv_heads;
-  const int threads = resolve_threads(options.threads);
+  AttentionOptions serial = options;
+  serial.threads = 1;
+  std::vector<Index> whole;  // jobs computed whole, one call per (job, key/value head)
+  for (Index j = 0; j < Index(jobs.size()); ++j) {
+    const HeadsJob<S>& job = jobs[size_t(j)];
+    if (!use_split_keys<S>(group * job.q.rows, job.k.rows)) {
+      whole.push_back(j);
+      continue;
+    }
+    // Decoding: chunks of the cache in parallel, every key/value head of a chunk while it is in cache.
+    std::vector<GroupCall> calls;
+    for (Index g = 0; g < kv_heads; ++g) calls.push_back(group_call(job, g, serial));
+    split_key_attention<S>(
+        kv_heads, group * job.q.rows, job.v.cols / kv_heads, job.k.rows, threads,
+        [&](Index g, KeyRange keys, const AttentionOutput<S>& part) {
+          const GroupCall& c = calls[size_t(g)];
+          fused_attention(c.q, c.k, c.v, c.mask, c.scale, serial, part, keys);
+        },
+        [&](Index g) { return calls[size_t(g)].out; });
+  }
+  const auto attend = [&](Index pair, int pair_threads) {
+    AttentionOptions o = options;
+    o.threads = pair_threads;
+    const GroupCall c = group_call(jobs[size_t(whole[size_t(pair / kv_heads)])], pair % kv_heads, o);
+    fused_attention(c.q, c.k, c.v, c.mask, c.scale, o, c.out);
+  };
+  const Index pairs = Index(whole.size()) * kv_heads;
   if (pairs >= threads) {
-    parallel_for(
-        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(jobs[size_t(t / kv_heads)], t % kv_heads, 1); });
+    parallel_for(pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(t, 1); });
   } else {
-    for (Index t = 0; t < pairs; ++t) attend(jobs[size_t(t / kv_heads)], t % kv_heads, threads);
+    for (Index t = 0; t < pairs; ++t) attend(t, threads);
   }
 }
 

@@ -32,7 +32,18 @@ void sdpa_into(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::M
   const S scale = resolve_scale<S>(o, q.cols());
   with_mask_model(
       where, q.rows(), k.rows(), o, MaskExtras<S>{},
-      [&](const auto& mask) { fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, o, out); }, extras...);
+      [&](const auto& mask) {
+        if (!use_split_keys<S>(q.rows(), k.rows())) return fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, o, out);
+        AttentionOptions serial = o;
+        serial.threads = 1;
+        split_key_attention<S>(
+            1, q.rows(), v.cols(), k.rows(), resolve_threads(o.threads),
+            [&](Index, KeyRange keys, const AttentionOutput<S>& part) {
+              fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, serial, part, keys);
+            },
+            [&](Index) { return out; });
+      },
+      extras...);
 }
 
 template <class DQ, class DK, class DV>

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "mask.hpp"
@@ -83,9 +84,12 @@ struct AttentionOutput {
 /// Per query tile: pack Q (scaled per row), then for each key tile that is not empty: pack K^T and V, S = Q K^T by the
 /// micro-kernel, apply score modifiers (all tiles) and the mask (partial tiles only), one online-softmax step per row,
 /// and acc = alpha .* acc + P V. Keys outside every row's range (padding, causal future) are never packed nor read.
+/// `keys` restricts the call to keys [keys.begin, keys.end) (split-K decoding); the output is then normalised over
+/// those keys alone and the log-sum-exp says how to merge it with other ranges (merge_key_ranges).
 template <class S, class Mask>
 void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v, const Mask& mask,
-                     S scale, const AttentionOptions& o, const AttentionOutput<S>& out) {
+                     S scale, const AttentionOptions& o, const AttentionOutput<S>& out,
+                     KeyRange keys = {0, std::numeric_limits<Index>::max()}) {
   using K = KernelShape<S>;
   const Index n = q.rows, m = k.rows, d = q.cols, dv = v.cols;
   if (n == 0) return;
@@ -99,7 +103,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
     Index key_begin = m, key_end = 0;
     for (Index r = 0; r < rows; ++r) {
-      const KeyRange g = mask.row_range(i0 + r);
+      KeyRange g = mask.row_range(i0 + r);
+      g = {std::max(g.begin, keys.begin), std::max(std::max(g.begin, keys.begin), std::min(g.end, keys.end))};
       ws.ranges[r] = g;
       if (!g.empty()) key_begin = std::min(key_begin, g.begin), key_end = std::max(key_end, g.end);
       const S row_scale = mask.row_scale(i0 + r, scale);
@@ -146,6 +151,65 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     }
   };
   parallel_for(tiles, o.threads, make_workspace, run_tile);
+}
+
+/// Combines attention computed separately over `parts` disjoint key ranges into attention over their union, row by
+/// row: with partial outputs o_p (normalised over range p) and log-sum-exps l_p, l = log sum_p exp(l_p) and
+/// o = sum_p exp(l_p - l) o_p. Part p of row i is at outputs + (p * rows + i) * dv and lses[p * rows + i]. Rows with
+/// no key in any range get zeros (and lse -inf).
+template <class S>
+void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, Index dv, const AttentionOutput<S>& out) {
+  for (Index i = 0; i < rows; ++i) {
+    SoftmaxState<S> total;
+    for (Index p = 0; p < parts; ++p) total.max = std::max(total.max, lses[p * rows + i]);
+    S* dst = out.row(i);
+    std::fill(dst, dst + dv, S(0));
+    if (total.max == -std::numeric_limits<S>::infinity()) {
+      if (out.lse) out.lse[i] = total.max;
+      continue;
+    }
+    for (Index p = 0; p < parts; ++p) {
+      const S l = lses[p * rows + i];
+      if (l == -std::numeric_limits<S>::infinity()) continue;
+      const S w = std::exp(l - total.max);
+      total.sum += w;
+      const S* part = outputs + (p * rows + i) * dv;
+      for (Index c = 0; c < dv; ++c) dst[c] += w * part[c];
+    }
+    for (Index c = 0; c < dv; ++c) dst[c] *= total.inverse_sum();
+    if (out.lse) out.lse[i] = total.log_sum_exp();
+  }
+}
+
+/// Split-K ("flash decoding", Dao et al. 2023) for a few query rows over many keys: one query tile would leave every
+/// thread but one idle and stream the keys once per call. Keys are cut into chunks of kSplitKeys (a fixed size, so
+/// the result never depends on the thread count); each task runs every one of `calls` problems (the key/value heads
+/// of a layer, or a single head) over its chunk while the chunk is in cache, and the chunks are merged exactly
+/// through their log-sum-exps. run(call, keys, partial_out) computes one problem over one key range;
+/// out_of(call) is where the merged rows of that problem go. Workspace: calls * chunks * rows * (dv + 1) scalars.
+constexpr Index kSplitKeys = 512;
+
+template <class S>
+bool use_split_keys(Index rows, Index m) {
+  return rows <= KernelShape<S>::kRows && m >= 2 * kSplitKeys;
+}
+
+template <class S, class Run, class OutOf>
+void split_key_attention(Index calls, Index rows, Index dv, Index m, int threads, const Run& run, const OutOf& out_of) {
+  const Index chunks = (m + kSplitKeys - 1) / kSplitKeys;
+  Eigen::Matrix<S, Eigen::Dynamic, 1> partial(calls * chunks * rows * dv), lse(calls * chunks * rows);
+  parallel_for(
+      chunks, threads, [] { return 0; },
+      [&](Index c, int&) {
+        const KeyRange keys{c * kSplitKeys, std::min(m, (c + 1) * kSplitKeys)};
+        for (Index call = 0; call < calls; ++call) {
+          const Index first = (call * chunks + c) * rows;
+          run(call, keys, AttentionOutput<S>{partial.data() + first * dv, dv, lse.data() + first});
+        }
+      });
+  for (Index call = 0; call < calls; ++call)
+    merge_key_ranges(partial.data() + call * chunks * rows * dv, lse.data() + call * chunks * rows, chunks, rows, dv,
+                     out_of(call));
 }
 
 }  // namespace attnkit::detail

@@ -38,8 +38,9 @@ void BM_MhaForward(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   const int threads = detail::resolve_threads(0);
-  report(state, projection_flops(s, n) + attention_flops(double(n) * double(n), s.width / s.heads,
-                                                         s.width / s.heads) * double(s.heads),
+  report(state,
+         projection_flops(s, n) +
+             attention_flops(double(n) * double(n), s.width / s.heads, s.width / s.heads) * double(s.heads),
          threads, heap);
 }
 

@@ -14,7 +14,11 @@ struct Problem {
   bool causal;
   Matrix<float> q, k, v;
   Problem(Index n_, Index d_, bool causal_)
-      : n(n_), d(d_), causal(causal_), q(random_matrix<float>(n, d, 1)), k(random_matrix<float>(n, d, 2)),
+      : n(n_),
+        d(d_),
+        causal(causal_),
+        q(random_matrix<float>(n, d, 1)),
+        k(random_matrix<float>(n, d, 2)),
         v(random_matrix<float>(n, d, 3)) {}
   double pairs() const { return causal ? 0.5 * double(n) * double(n + 1) : double(n) * double(n); }
   double flops() const { return attention_flops(pairs(), d, d); }

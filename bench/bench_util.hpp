@@ -15,7 +15,7 @@ namespace attnkit::bench {
 struct HeapStats {
   int64_t current, peak, allocs, total;
 };
-HeapStats heap_stats();   // counting_malloc.cpp
+HeapStats heap_stats();  // counting_malloc.cpp
 void reset_heap_peak();
 
 /// Peak heap bytes above the starting level while `call` runs once.
@@ -75,16 +75,16 @@ Matrix<S> random_matrix(Index rows, Index cols, unsigned seed) {
 
 /// main() of every benchmark binary: single-threaded Eigen for baselines, heap accounting, the FMA peak in the
 /// JSON context, then the benchmarks.
-#define ATTNKIT_BENCHMARK_MAIN()                                                                              \
-  int main(int argc, char** argv) {                                                                         \
-    Eigen::setNbThreads(1);                                                                                 \
-    benchmark::Initialize(&argc, argv);                                                                     \
-    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;                                      \
-    attnkit::bench::HeapManager heap;                                                                       \
-    benchmark::RegisterMemoryManager(&heap);                                                                \
-    benchmark::AddCustomContext("fma_peak_gflops_per_core",                                                 \
-                                std::to_string(attnkit::bench::fma_peak_flops_per_core() * 1e-9));          \
-    benchmark::RunSpecifiedBenchmarks();                                                                    \
-    benchmark::Shutdown();                                                                                  \
-    return 0;                                                                                               \
+#define ATTNKIT_BENCHMARK_MAIN()                                                                   \
+  int main(int argc, char** argv) {                                                                \
+    Eigen::setNbThreads(1);                                                                        \
+    benchmark::Initialize(&argc, argv);                                                            \
+    if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;                              \
+    attnkit::bench::HeapManager heap;                                                              \
+    benchmark::RegisterMemoryManager(&heap);                                                       \
+    benchmark::AddCustomContext("fma_peak_gflops_per_core",                                        \
+                                std::to_string(attnkit::bench::fma_peak_flops_per_core() * 1e-9)); \
+    benchmark::RunSpecifiedBenchmarks();                                                           \
+    benchmark::Shutdown();                                                                         \
+    return 0;                                                                                      \
   }

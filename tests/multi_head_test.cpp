@@ -32,8 +32,8 @@ MatD rope_by_formula(MatD x, Index first, const RopeOptions& ro) {
 }
 
 template <class S>
-MatD naive_mha(const MultiHeadAttention<S>& layer, const MatD& xq, const MatD& xk, const MatD& xv,
-               AttentionOptions o, Index first = 0) {
+MatD naive_mha(const MultiHeadAttention<S>& layer, const MatD& xq, const MatD& xk, const MatD& xv, AttentionOptions o,
+               Index first = 0) {
   const MultiHeadConfig& c = layer.config();
   const Index dh = c.head_dim, group = c.heads / c.kv_heads;
   MatD q = xq * layer.w_q.template cast<double>(), k = xk * layer.w_k.template cast<double>();
@@ -99,8 +99,8 @@ TYPED_TEST(MultiHeadTest, MhaGqaMqaWithAndWithoutBiasesAndOutputProjection) {
       for (bool projection : {false, true}) {
         MultiHeadConfig c = config(32, h, hkv);
         c.projection_bias = bias, c.output_projection = projection, c.output_bias = bias && projection;
-        const std::string what = "H=" + std::to_string(h) + " H_kv=" + std::to_string(hkv) +
-                                 (bias ? " bias" : "") + (projection ? " w_o" : "");
+        const std::string what = "H=" + std::to_string(h) + " H_kv=" + std::to_string(hkv) + (bias ? " bias" : "") +
+                                 (projection ? " w_o" : "");
         for (Index n : {1, 7, 33}) this->check_self(c, n, {}, what);
       }
 }
@@ -140,8 +140,8 @@ TYPED_TEST(MultiHeadTest, CrossAttentionWithDifferentKeyAndValueWidths) {
   for (bool causal : {false, true}) {
     AttentionOptions o;
     o.causal = causal;
-    const MatD expected = naive_mha(layer, xq.template cast<double>(), xk.template cast<double>(),
-                                    xv.template cast<double>(), o);
+    const MatD expected =
+        naive_mha(layer, xq.template cast<double>(), xk.template cast<double>(), xv.template cast<double>(), o);
     EXPECT_TRUE(all_close(layer.forward(xq, xk, xv, o), expected, this->tol() * (1 + expected.cwiseAbs().maxCoeff())));
   }
   // forward(x_q, x_kv) when keys and values come from one input.

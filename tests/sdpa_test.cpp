@@ -34,8 +34,8 @@ class SdpaTest : public ::testing::Test {
                  " dv=" + std::to_string(dv));
     const Matrix<S> q = random_matrix<S>(n, d, 1 + unsigned(n)), k = random_matrix<S>(m, d, 2 + unsigned(m));
     const Matrix<S> v = random_matrix<S>(m, dv, 3 + unsigned(d));
-    const auto expected = naive_attention(q.template cast<double>(), k.template cast<double>(),
-                                          v.template cast<double>(), o, x);
+    const auto expected =
+        naive_attention(q.template cast<double>(), k.template cast<double>(), v.template cast<double>(), o, x);
     const double vmax = m > 0 && dv > 0 ? v.cwiseAbs().maxCoeff() : 1.0;
     const Matrix<S> fused = scaled_dot_product_attention(q, k, v, o, extras...);
     EXPECT_TRUE(all_close(fused, expected.out, tol(m) * vmax)) << "fused";
@@ -220,8 +220,8 @@ TYPED_TEST(SdpaTest, NanInMaskedKeysAndValuesNeverLeaks) {
   AttentionOptions pad;
   pad.key_length = 50;
   const double tol = this->tol(m);
-  const auto clean = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),
-                                     v_clean.template cast<double>(), pad);
+  const auto clean =
+      naive_attention(q.template cast<double>(), k_clean.template cast<double>(), v_clean.template cast<double>(), pad);
   EXPECT_TRUE(all_close(scaled_dot_product_attention(q, k, v, pad), clean.out, tol * 4));
   EXPECT_TRUE(all_close(reference::scaled_dot_product_attention(q, k, v, pad), clean.out, tol * 4));
   // Causal: key 60 is allowed for rows >= 60 only. NaN there must reach those rows and no other.
@@ -281,8 +281,8 @@ TYPED_TEST(SdpaTest, MapsBlocksExpressionsAndStorageOrders) {
   using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
   const Index n = 33, m = 47, d = 24, dv = 19;
   const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
-  const auto expected = naive_attention(q.template cast<double>(), k.template cast<double>(),
-                                        v.template cast<double>(), {});
+  const auto expected =
+      naive_attention(q.template cast<double>(), k.template cast<double>(), v.template cast<double>(), {});
   const double tol = this->tol(m) * v.cwiseAbs().maxCoeff();
   const ColMajor qc = q, kc = k, vc = v;
   EXPECT_TRUE(all_close(scaled_dot_product_attention(qc, kc, vc), expected.out, tol)) << "column-major";

@@ -115,8 +115,7 @@ template <class DA>
     for (Index j = 0; j < expected.cols(); ++j) {
       const double a = static_cast<double>(actual(i, j)), e = expected(i, j);
       if (std::isnan(a) && std::isnan(e)) continue;
-      const double err = (std::isnan(a) || std::isnan(e)) ? std::numeric_limits<double>::infinity()
-                                                           : std::abs(a - e);
+      const double err = (std::isnan(a) || std::isnan(e)) ? std::numeric_limits<double>::infinity() : std::abs(a - e);
       if (err > worst) worst = err, wi = i, wj = j;
     }
   if (worst <= tol) return ::testing::AssertionSuccess();

@@ -54,13 +54,13 @@ void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_he
     };
     StridedView<S> q = columns(job.q, g * group * dk, dk);
     q.rows = group * n, q.group_rows = period, q.group_stride = dk * job.q.col_stride;
-    return GroupCall{q,
-                     columns(job.k, g * dk, dk),
-                     columns(job.v, g * dv, dv),
-                     AttentionOutput<S>{job.out + g * group * dv, job.out_stride, nullptr, period, dv},
-                     MaskModel<S>(group * n, job.k.rows, o, {},
-                                  {period, slopes.empty() ? nullptr : slopes.data() + g * group}),
-                     resolve_scale<S>(o, dk)};
+    return GroupCall{
+        q,
+        columns(job.k, g * dk, dk),
+        columns(job.v, g * dv, dv),
+        AttentionOutput<S>{job.out + g * group * dv, job.out_stride, nullptr, period, dv},
+        MaskModel<S>(group * n, job.k.rows, o, {}, {period, slopes.empty() ? nullptr : slopes.data() + g * group}),
+        resolve_scale<S>(o, dk)};
   };
   AttentionOptions serial = options;
   serial.threads = 1;
@@ -90,7 +90,8 @@ void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_he
   };
   const Index pairs = Index(whole.size()) * kv_heads;
   if (pairs >= threads) {
-    parallel_for(pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(t, 1); });
+    parallel_for(
+        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(t, 1); });
   } else {
     for (Index t = 0; t < pairs; ++t) attend(t, threads);
   }
@@ -106,12 +107,14 @@ void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_he
 template <class DQ, class DK, class DV>
 void multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                           const Eigen::MatrixBase<DV>& v, Eigen::Ref<Matrix<typename DQ::Scalar>> out, Index heads,
-                          Index kv_heads, const AttentionOptions& options = {}, const std::vector<double>& slopes = {}) {
+                          Index kv_heads, const AttentionOptions& options = {},
+                          const std::vector<double>& slopes = {}) {
   using S = typename DQ::Scalar;
   constexpr const char* kWhere = "multi_head_attention";
   detail::check_scalars<DQ, DK, DV>();
   if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
-    detail::fail(kWhere, "heads must be a multiple of kv_heads (H % H_kv == 0), got H = ", heads, ", H_kv = ", kv_heads);
+    detail::fail(kWhere, "heads must be a multiple of kv_heads (H % H_kv == 0), got H = ", heads,
+                 ", H_kv = ", kv_heads);
   if (q.cols() % heads != 0 || k.cols() % kv_heads != 0 || v.cols() % kv_heads != 0 ||
       q.cols() / heads != k.cols() / kv_heads)
     detail::fail(kWhere, "q must be n x (H d_k), k m x (H_kv d_k), v m x (H_kv d_v); got q ",
@@ -126,8 +129,8 @@ void multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBas
   for (double slope : slopes) detail::check_non_negative_finite(kWhere, "slopes[h]", slope);
   const Index out_cols = heads * (v.cols() / kv_heads);
   if (out.rows() != q.rows() || out.cols() != out_cols)
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x (H d_v) = ",
-                 detail::shape_str(q.rows(), out_cols));
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
+                 " but must be n x (H d_v) = ", detail::shape_str(q.rows(), out_cols));
   const detail::ViewOf<DQ> qv(q);
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
@@ -148,7 +151,7 @@ struct MultiHeadConfig {
   bool output_bias = false;       ///< bias b_o (needs output_projection)
   bool rope = false;              ///< rotary embedding on each head of Q and K (d_head must be even)
   RopeOptions rope_options{};
-  bool alibi = false;             ///< ALiBi with the per-head slopes alibi_slopes(H)
+  bool alibi = false;  ///< ALiBi with the per-head slopes alibi_slopes(H)
 };
 
 template <class S>
@@ -264,7 +267,8 @@ class MultiHeadAttention {
   }
   /// \brief As forward(x), writing into a caller's n x output_width() matrix.
   template <class D>
-  void forward_into(const Eigen::MatrixBase<D>& x, Eigen::Ref<Matrix<S>> out, const AttentionOptions& options = {}) const {
+  void forward_into(const Eigen::MatrixBase<D>& x, Eigen::Ref<Matrix<S>> out,
+                    const AttentionOptions& options = {}) const {
     forward_into(x, x, x, out, options);
   }
   template <class DQ, class DK, class DV>
@@ -321,8 +325,8 @@ class MultiHeadAttention {
                          const AttentionOptions& options = {}) const {
     constexpr const char* kWhere = "MultiHeadAttention::forward_step";
     if (cache.kv_width_ != c_.kv_heads * c_.head_dim)
-      detail::fail(kWhere, "cache holds rows of ", cache.kv_width_, " values but the layer's keys have H_kv d_head = ",
-                   c_.kv_heads * c_.head_dim);
+      detail::fail(kWhere, "cache holds rows of ", cache.kv_width_,
+                   " values but the layer's keys have H_kv d_head = ", c_.kv_heads * c_.head_dim);
     AttentionOptions o = options;
     o.causal = true;
     o.align = CausalAlign::kBottomRight;
@@ -411,14 +415,14 @@ class MultiHeadAttention {
     check_weight(where, "b_v", b_v, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
     check_weight(where, "b_o", b_o, c_.output_bias ? 1 : 0, c_.output_bias ? c_.width : 0);
     if (x_q.cols() != c_.width)
-      detail::fail(where, "query input is ", detail::shape_str(x_q.rows(), x_q.cols()), " but needs width = ",
-                   c_.width, " columns");
+      detail::fail(where, "query input is ", detail::shape_str(x_q.rows(), x_q.cols()), " but needs width = ", c_.width,
+                   " columns");
     if (x_k.cols() != c_.key_width)
-      detail::fail(where, "key input is ", detail::shape_str(x_k.rows(), x_k.cols()), " but needs key_width = ",
-                   c_.key_width, " columns");
+      detail::fail(where, "key input is ", detail::shape_str(x_k.rows(), x_k.cols()),
+                   " but needs key_width = ", c_.key_width, " columns");
     if (x_v.cols() != c_.value_width)
-      detail::fail(where, "value input is ", detail::shape_str(x_v.rows(), x_v.cols()), " but needs value_width = ",
-                   c_.value_width, " columns");
+      detail::fail(where, "value input is ", detail::shape_str(x_v.rows(), x_v.cols()),
+                   " but needs value_width = ", c_.value_width, " columns");
     if (x_k.rows() != x_v.rows())
       detail::fail(where, "key input has ", x_k.rows(), " rows but value input has ", x_v.rows(),
                    " (one value per key)");
@@ -438,13 +442,12 @@ class MultiHeadAttention {
   static void dense(const Eigen::MatrixBase<D>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
     constexpr Index kChunk = 64;
     y.resize(x.rows(), w.cols());
-    detail::parallel_for(
-        (x.rows() + kChunk - 1) / kChunk, threads, [] { return 0; },
-        [&](Index c, int&) {
-          const Index r0 = c * kChunk, rows = std::min(kChunk, x.rows() - r0);
-          y.middleRows(r0, rows).noalias() = x.middleRows(r0, rows) * w;
-          if (b.size() > 0) y.middleRows(r0, rows).rowwise() += b.row(0);
-        });
+    detail::parallel_for((x.rows() + kChunk - 1) / kChunk, threads, [] { return 0; },
+                         [&](Index c, int&) {
+                           const Index r0 = c * kChunk, rows = std::min(kChunk, x.rows() - r0);
+                           y.middleRows(r0, rows).noalias() = x.middleRows(r0, rows) * w;
+                           if (b.size() > 0) y.middleRows(r0, rows).rowwise() += b.row(0);
+                         });
   }
 
   // Projections of one sequence; RoPE with queries and keys at positions first, first + 1, ...

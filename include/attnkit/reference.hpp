@@ -45,8 +45,7 @@ Matrix<typename DQ::Scalar> attention_weights(const Eigen::MatrixBase<DQ>& q, co
 /// \brief attention_weights(q, k) * v, the materialising oracle of scaled dot-product attention. A zero weight never
 /// multiplies its value row, so NaN or Inf in masked values cannot reach the output, as in the fused kernel.
 template <class DQ, class DK, class DV, class... Extras>
-Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q,
-                                                         const Eigen::MatrixBase<DK>& k,
+Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                                          const Eigen::MatrixBase<DV>& v,
                                                          const AttentionOptions& options = {},
                                                          const Extras&... extras) {

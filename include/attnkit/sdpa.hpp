@@ -33,7 +33,8 @@ void sdpa_into(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::M
   with_mask_model(
       where, q.rows(), k.rows(), o, MaskExtras<S>{},
       [&](const auto& mask) {
-        if (!use_split_keys<S>(q.rows(), k.rows())) return fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, o, out);
+        if (!use_split_keys<S>(q.rows(), k.rows()))
+          return fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, o, out);
         AttentionOptions serial = o;
         serial.threads = 1;
         split_key_attention<S>(
@@ -71,8 +72,7 @@ void check_sdpa_call(const char* where, const Eigen::MatrixBase<DQ>& q, const Ei
 /// \throws attnkit::Error on mismatched shapes or invalid options, naming the argument and the shapes.
 /// \sa reference::scaled_dot_product_attention, the materialising oracle.
 template <class DQ, class DK, class DV, class... Extras>
-Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q,
-                                                         const Eigen::MatrixBase<DK>& k,
+Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                                          const Eigen::MatrixBase<DV>& v,
                                                          const AttentionOptions& options = {},
                                                          const Extras&... extras) {
@@ -91,8 +91,8 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
   constexpr const char* kWhere = "scaled_dot_product_attention";
   detail::check_sdpa_call(kWhere, q, k, v, options);
   if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x d_v = ",
-                 detail::shape_str(q.rows(), v.cols()));
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
+                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
   detail::sdpa_into(kWhere, q, k, v, {out.data(), out.outerStride(), nullptr}, options, extras...);
 }
 
@@ -106,8 +106,8 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
   constexpr const char* kWhere = "scaled_dot_product_attention";
   detail::check_sdpa_call(kWhere, q, k, v, options);
   if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x d_v = ",
-                 detail::shape_str(q.rows(), v.cols()));
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
+                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
   if (lse.size() != q.rows())
     detail::fail(kWhere, "lse has ", lse.size(), " entries but must have one per query row, n = ", q.rows());
   detail::sdpa_into(kWhere, q, k, v, {out.data(), out.outerStride(), lse.data()}, options, extras...);

@@ -18,9 +18,7 @@ class Error : public std::invalid_argument {
 
 namespace detail {
 
-inline std::string shape_str(Index rows, Index cols) {
-  return std::to_string(rows) + "x" + std::to_string(cols);
-}
+inline std::string shape_str(Index rows, Index cols) { return std::to_string(rows) + "x" + std::to_string(cols); }
 
 template <class... Parts>
 [[noreturn]] void fail(const char* where, const Parts&... parts) {

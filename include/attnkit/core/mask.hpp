@@ -174,8 +174,8 @@ inline constexpr bool dependent_false_v = false;
 /// at most one of each) into a MaskModel and passes it to `cont`. Matrices are viewed without copying when they
 /// have direct access; the views live until `cont` returns.
 template <class S, class A, class F, class Cont>
-void with_mask_model(const char* /*where*/, Index n, Index m, const AttentionOptions& o,
-                     const MaskExtras<S, A, F>& acc, Cont&& cont) {
+void with_mask_model(const char* /*where*/, Index n, Index m, const AttentionOptions& o, const MaskExtras<S, A, F>& acc,
+                     Cont&& cont) {
   cont(MaskModel<S, A, F>(n, m, o, acc));
 }
 

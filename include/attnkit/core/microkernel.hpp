@@ -42,8 +42,8 @@ struct KernelShape {
 constexpr Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
 
 /// C = beta .* C + A B for one R x (NP packets) block (R <= kRows): A is R rows at stride lda, B is depth rows of
-/// NP * kPacket contiguous values at stride ldb. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero a(r, k)
-/// contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
+/// NP * kPacket contiguous values at stride ldb. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero
+/// a(r, k) contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
 template <class S, int kRows, int NP, bool kSkipZeros>
 inline void micro_kernel(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc, const S* beta) {
   using namespace Eigen::internal;
@@ -84,10 +84,12 @@ template <class S, bool kSkipZeros, int R = KernelShape<S>::kRows, int NP = Kern
 inline void micro_kernel_block(int rows, int packets, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c,
                                Index ldc, const S* beta) {
   if constexpr (R > 1) {
-    if (rows < R) return micro_kernel_block<S, kSkipZeros, R - 1, NP>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
+    if (rows < R)
+      return micro_kernel_block<S, kSkipZeros, R - 1, NP>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
   }
   if constexpr (NP > 1) {
-    if (packets < NP) return micro_kernel_block<S, kSkipZeros, R, NP - 1>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
+    if (packets < NP)
+      return micro_kernel_block<S, kSkipZeros, R, NP - 1>(rows, packets, a, lda, b, ldb, depth, c, ldc, beta);
   }
   micro_kernel<S, R, NP, kSkipZeros>(a, lda, b, ldb, depth, c, ldc, beta);
 }

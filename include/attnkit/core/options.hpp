@@ -19,20 +19,20 @@ enum class CausalAlign { kBottomRight, kTopLeft };
 /// Order of operations on a logit: scale (times the log-n factor) -> score callable -> softcap -> bias and ALiBi
 /// -> mask -> softmax.
 struct AttentionOptions {
-  double scale = 0;        ///< 0 means 1/sqrt(d_k)
-  bool causal = false;     ///< allow j <= i (after alignment)
+  double scale = 0;     ///< 0 means 1/sqrt(d_k)
+  bool causal = false;  ///< allow j <= i (after alignment)
   CausalAlign align = CausalAlign::kBottomRight;
-  Index window_left = -1;  ///< allow j >= i - window_left (after alignment); -1 means unbounded
-  Index window_right = -1; ///< allow j <= i + window_right (after alignment); -1 means unbounded
-  Index key_length = -1;   ///< keys at index >= key_length are padding and never read; -1 means none
-  double alibi_slope = 0;  ///< adds -slope * |i - j| (after alignment)
-  double softcap = 0;      ///< s -> c * tanh(s / c); 0 means off
+  Index window_left = -1;    ///< allow j >= i - window_left (after alignment); -1 means unbounded
+  Index window_right = -1;   ///< allow j <= i + window_right (after alignment); -1 means unbounded
+  Index key_length = -1;     ///< keys at index >= key_length are padding and never read; -1 means none
+  double alibi_slope = 0;    ///< adds -slope * |i - j| (after alignment)
+  double softcap = 0;        ///< s -> c * tanh(s / c); 0 means off
   bool log_n_scale = false;  ///< multiply logits by log(n_i) / log(512), n_i = allowed keys of row i
 
   // Execution. None of these changes the result: output is bit-for-bit identical for any thread count.
-  int threads = 0;         ///< 0 means every thread OpenMP (or the hardware) offers; 1 runs on the caller's thread
-  Index query_tile = 0;    ///< rows of a query tile; 0 chooses from the cache sizes. Changes float rounding only.
-  Index key_tile = 0;      ///< keys of a key tile; 0 chooses from the cache sizes. Changes float rounding only.
+  int threads = 0;       ///< 0 means every thread OpenMP (or the hardware) offers; 1 runs on the caller's thread
+  Index query_tile = 0;  ///< rows of a query tile; 0 chooses from the cache sizes. Changes float rounding only.
+  Index key_tile = 0;    ///< keys of a key tile; 0 chooses from the cache sizes. Changes float rounding only.
 };
 
 namespace detail {

@@ -120,8 +120,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       const TileKind kind = mask.classify(ws.ranges.data(), rows, j0, cols);
       if (kind == TileKind::kEmpty) continue;
       pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-      tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d,
-                             cols_pad, ws.scores.data(), cols_pad, nullptr);
+      tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
+                             ws.scores.data(), cols_pad, nullptr);
       for (Index r = 0; r < rows; ++r) {
         S* row = ws.scores.data() + r * cols_pad;
         if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
@@ -158,7 +158,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
 /// o = sum_p exp(l_p - l) o_p. Part p of row i is at outputs + (p * rows + i) * dv and lses[p * rows + i]. Rows with
 /// no key in any range get zeros (and lse -inf).
 template <class S>
-void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, Index dv, const AttentionOutput<S>& out) {
+void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, Index dv,
+                      const AttentionOutput<S>& out) {
   for (Index i = 0; i < rows; ++i) {
     SoftmaxState<S> total;
     for (Index p = 0; p < parts; ++p) total.max = std::max(total.max, lses[p * rows + i]);

@@ -31,8 +31,10 @@ struct HeadsJob {
 /// Runs every (job, key/value head) pair as one fused call whose query rows stack the H / H_kv query heads that
 /// share that key/value head (GQA, MQA): K and V are packed and read once per group, not once per query head. The
 /// stacking is a grouped view, not a copy. Pairs run in parallel, one thread each, when there are at least as many
-/// pairs as threads; otherwise one at a time with every thread. Each head's result is the same either way. With
-/// `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have been validated: nothing here throws.
+/// pairs as threads; otherwise one at a time with every thread. Decoding-shaped jobs (a few stacked rows over many
+/// keys) run split-K instead: key chunks in parallel, each chunk through every key/value head, then merged. The
+/// result is the same for any thread count. With `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have been
+/// validated: nothing here throws.
 template <class S>
 void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_heads, const std::vector<double>& slopes,
                   const AttentionOptions& options) {

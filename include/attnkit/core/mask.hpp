@@ -60,16 +60,12 @@ class MaskModel {
   /// With row groups, positions and alignment are those of a group's rows; element-wise extras see raw row indices.
   MaskModel(Index n, Index m, const AttentionOptions& o, const MaskExtras<S, AllowedFn, ScoreFn>& extras,
             RowGroups groups = {})
-      : n_(n),
-        m_(m),
+      : m_(m),
         period_(groups.rows_per_group > 0 ? groups.rows_per_group : std::max<Index>(n, 1)),
         offset_(alignment_offset(o, period_, m)),
         slopes_(groups.slopes),
         o_(o),
         extras_(extras) {}
-
-  Index queries() const { return n_; }
-  Index keys() const { return m_; }
 
   /// The contiguous part of row i's allowed keys: causal, window and key padding.
   KeyRange row_range(Index i) const {
@@ -158,7 +154,7 @@ class MaskModel {
   }
 
  private:
-  Index n_, m_, period_, offset_;
+  Index m_, period_, offset_;
   const double* slopes_;
   AttentionOptions o_;
   MaskExtras<S, AllowedFn, ScoreFn> extras_;

@@ -1,10 +1,12 @@
 // The shared core on its own: mask model intervals and tile classes, the online softmax, the parallel loop.
+#include <attnkit/core/dense.hpp>
 #include <attnkit/core/mask.hpp>
 #include <attnkit/core/softmax.hpp>
 #include <attnkit/core/threading.hpp>
 
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "test_util.hpp"
@@ -107,6 +109,40 @@ TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {
   }
   parallel_for(
       0, 4, [] { return 0; }, [](Index, int&) { ADD_FAILURE() << "no task expected"; });
+}
+
+TEST(Dense, EqualsADoubleProductOnAwkwardShapesAndLayouts) {
+  using ColMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  // Rows below and above one micro-kernel block and one task; columns that are not whole packets or chunks.
+  for (Index n : {1, 3, 7, 97, 200})
+    for (Index depth : {1, 17, 64})
+      for (Index cols : {1, 5, 16, 67, 600}) {
+        SCOPED_TRACE("n=" + std::to_string(n) + " depth=" + std::to_string(depth) + " cols=" + std::to_string(cols));
+        const Matrix<float> x = testing::random_matrix<float>(n, depth, 1), w = testing::random_matrix<float>(depth, cols, 2);
+        const Matrix<float> b = testing::random_matrix<float>(1, cols, 3);
+        testing::MatD expected = x.cast<double>() * w.cast<double>();
+        expected.rowwise() += b.cast<double>().row(0);
+        const double tol = 1e-5 * std::sqrt(double(depth)) * (1 + expected.cwiseAbs().maxCoeff());
+        Matrix<float> y;
+        dense(StridedView<float>{x.data(), n, depth, depth, 1}, w, b, y, 2);
+        EXPECT_TRUE(testing::all_close(y, expected, tol)) << "row-major x";
+        const ColMajor xc = x;  // rows not contiguous: packed per block
+        dense(StridedView<float>{xc.data(), n, depth, 1, n}, w, b, y, 3);
+        EXPECT_TRUE(testing::all_close(y, expected, tol)) << "column-major x";
+        Matrix<float> no_bias;
+        dense(StridedView<float>{x.data(), n, depth, depth, 1}, w, Matrix<float>(), no_bias, 1);
+        EXPECT_TRUE(testing::all_close(no_bias, x.cast<double>() * w.cast<double>(), tol)) << "no bias";
+      }
+}
+
+TEST(Dense, BitIdenticalForAnyThreadCount) {
+  const Matrix<float> x = testing::random_matrix<float>(300, 257, 1), w = testing::random_matrix<float>(257, 1030, 2);
+  Matrix<float> serial, parallel;
+  dense(StridedView<float>{x.data(), 300, 257, 257, 1}, w, Matrix<float>(), serial, 1);
+  for (int threads : {2, 3, 0}) {
+    dense(StridedView<float>{x.data(), 300, 257, 257, 1}, w, Matrix<float>(), parallel, threads);
+    EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(float) * size_t(serial.size())), 0) << threads;
+  }
 }
 
 }  // namespace

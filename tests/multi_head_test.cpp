@@ -3,6 +3,7 @@
 #include <attnkit/attnkit.hpp>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -250,6 +251,28 @@ TYPED_TEST(MultiHeadTest, AttentionOnProjectedHeadsEqualsPerHeadOracle) {
   EXPECT_THROW(multi_head_attention(q, k, v, out, heads, kv_heads, {}, {0.5, 0.25}), Error);  // one slope per head
   Matrix<S> small(n, dv);
   EXPECT_THROW(multi_head_attention(q, k, v, small, heads, kv_heads), Error);
+}
+
+TEST(MultiHeadDeterminism, LayerOutputIsBitIdenticalForAnyThreadCount) {
+  // Width 512: wide enough that a library GEMM re-blocks its depth when it runs threads of its own.
+  MultiHeadConfig c = config(512, 8, 2);
+  c.rope = true, c.projection_bias = true, c.output_bias = true;
+  MultiHeadAttention<float> layer(c, 21);
+  const Matrix<float> x = random_matrix<float>(301, 512, 22);
+  AttentionOptions o;
+  o.causal = true, o.threads = 1;
+  const Matrix<float> serial = layer.forward(x, o);
+  KVCache<float> cache = layer.make_cache(302);
+  layer.forward_step(x, cache, o);
+  const Matrix<float> step_serial = layer.forward_step(x.topRows(1), cache, o);
+  for (int threads : {2, 3, 0}) {
+    o.threads = threads;
+    const Matrix<float> parallel = layer.forward(x, o);
+    EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(float) * size_t(serial.size())), 0) << threads;
+    cache.truncate(301);
+    const Matrix<float> step = layer.forward_step(x.topRows(1), cache, o);
+    EXPECT_EQ(std::memcmp(step_serial.data(), step.data(), sizeof(float) * size_t(step.size())), 0) << threads;
+  }
 }
 
 TEST(Positions, AlibiSlopesFollowThePaper) {

@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "core/dense.hpp"
 #include "core/error.hpp"
 #include "core/options.hpp"
 #include "core/positions.hpp"
@@ -439,17 +440,10 @@ class MultiHeadAttention {
                    detail::shape_str(n, output_width()));
   }
 
-  // y = x w + b over fixed chunks of rows, in parallel; the chunks do not depend on the thread count.
   template <class D>
   static void dense(const Eigen::MatrixBase<D>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
-    constexpr Index kChunk = 64;
-    y.resize(x.rows(), w.cols());
-    detail::parallel_for((x.rows() + kChunk - 1) / kChunk, threads, [] { return 0; },
-                         [&](Index c, int&) {
-                           const Index r0 = c * kChunk, rows = std::min(kChunk, x.rows() - r0);
-                           y.middleRows(r0, rows).noalias() = x.middleRows(r0, rows) * w;
-                           if (b.size() > 0) y.middleRows(r0, rows).rowwise() += b.row(0);
-                         });
+    const detail::ViewOf<D> view(x);
+    detail::dense(view.view(), w, b, y, threads);
   }
 
   // Projections of one sequence; RoPE with queries and keys at positions first, first + 1, ...

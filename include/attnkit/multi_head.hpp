@@ -29,75 +29,33 @@ struct HeadsJob {
   Index out_stride;
 };
 
-/// Runs every (job, key/value head) pair as one fused call whose query rows stack the H / H_kv query heads that
+/// Runs every (job, key/value head) pair as one attention call whose query rows stack the H / H_kv query heads that
 /// share that key/value head (GQA, MQA): K and V are packed and read once per group, not once per query head. The
-/// stacking is a grouped view, not a copy. Pairs run in parallel, one thread each, when there are at least as many
-/// pairs as threads; otherwise one at a time with every thread. Decoding-shaped jobs (a few stacked rows over many
-/// keys) run split-K instead: key chunks in parallel, each chunk through every key/value head, then merged. The
-/// result is the same for any thread count. With `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have been
-/// validated: nothing here throws.
+/// stacking is a grouped view, not a copy. Scheduling (parallel calls, or split-K for decoding) is run_attention's.
+/// With `slopes`, head h adds ALiBi with slope slopes[h]. Inputs have been validated: nothing here throws.
 template <class S>
 void attend_heads(const std::vector<HeadsJob<S>>& jobs, Index heads, Index kv_heads, const std::vector<double>& slopes,
                   const AttentionOptions& options) {
   const Index group = heads / kv_heads;
-  const int threads = resolve_threads(options.threads);
-  // The stacked query rows of key/value head g, its keys and values, and where its output rows go.
-  struct GroupCall {
-    StridedView<S> q, k, v;
-    AttentionOutput<S> out;
-    MaskModel<S> mask;
-    S scale;
+  const auto columns = [](const StridedView<S>& x, Index first, Index count) {
+    StridedView<S> c = x;
+    c.data = x.data + first * x.col_stride, c.cols = count;
+    return c;
   };
-  const auto group_call = [&](const HeadsJob<S>& job, Index g, const AttentionOptions& o) {
-    const Index n = job.q.rows, dk = job.q.cols / heads, dv = job.v.cols / kv_heads, period = std::max<Index>(n, 1);
-    const auto columns = [](const StridedView<S>& x, Index first, Index count) {
-      StridedView<S> c = x;
-      c.data = x.data + first * x.col_stride, c.cols = count;
-      return c;
-    };
-    StridedView<S> q = columns(job.q, g * group * dk, dk);
-    q.rows = group * n, q.group_rows = period, q.group_stride = dk * job.q.col_stride;
-    return GroupCall{
-        q,
-        columns(job.k, g * dk, dk),
-        columns(job.v, g * dv, dv),
-        AttentionOutput<S>{job.out + g * group * dv, job.out_stride, nullptr, period, dv},
-        MaskModel<S>(group * n, job.k.rows, o, {}, {period, slopes.empty() ? nullptr : slopes.data() + g * group}),
-        resolve_scale<S>(o, dk)};
-  };
-  AttentionOptions serial = options;
-  serial.threads = 1;
-  std::vector<Index> whole;  // jobs computed whole, one call per (job, key/value head)
-  for (Index j = 0; j < Index(jobs.size()); ++j) {
-    const HeadsJob<S>& job = jobs[size_t(j)];
-    if (!use_split_keys<S>(group * job.q.rows, job.k.rows)) {
-      whole.push_back(j);
-      continue;
+  std::vector<AttentionCall<S, MaskModel<S>>> calls;
+  calls.reserve(jobs.size() * size_t(kv_heads));
+  for (const HeadsJob<S>& job : jobs)
+    for (Index g = 0; g < kv_heads; ++g) {
+      const Index n = job.q.rows, dk = job.q.cols / heads, dv = job.v.cols / kv_heads, period = std::max<Index>(n, 1);
+      StridedView<S> q = columns(job.q, g * group * dk, dk);
+      q.rows = group * n, q.group_rows = period, q.group_stride = dk * job.q.col_stride;
+      calls.push_back({q, columns(job.k, g * dk, dk), columns(job.v, g * dv, dv),
+                       MaskModel<S>(group * n, job.k.rows, options, {},
+                                    {period, slopes.empty() ? nullptr : slopes.data() + g * group}),
+                       resolve_scale<S>(options, dk),
+                       AttentionOutput<S>{job.out + g * group * dv, job.out_stride, nullptr, period, dv}});
     }
-    // Decoding: chunks of the cache in parallel, every key/value head of a chunk while it is in cache.
-    std::vector<GroupCall> calls;
-    for (Index g = 0; g < kv_heads; ++g) calls.push_back(group_call(job, g, serial));
-    split_key_attention<S>(
-        kv_heads, group * job.q.rows, job.v.cols / kv_heads, job.k.rows, threads,
-        [&](Index g, KeyRange keys, const AttentionOutput<S>& part) {
-          const GroupCall& c = calls[size_t(g)];
-          fused_attention(c.q, c.k, c.v, c.mask, c.scale, serial, part, keys);
-        },
-        [&](Index g) { return calls[size_t(g)].out; });
-  }
-  const auto attend = [&](Index pair, int pair_threads) {
-    AttentionOptions o = options;
-    o.threads = pair_threads;
-    const GroupCall c = group_call(jobs[size_t(whole[size_t(pair / kv_heads)])], pair % kv_heads, o);
-    fused_attention(c.q, c.k, c.v, c.mask, c.scale, o, c.out);
-  };
-  const Index pairs = Index(whole.size()) * kv_heads;
-  if (pairs >= threads) {
-    parallel_for(
-        pairs, threads, [] { return 0; }, [&](Index t, int&) { attend(t, 1); });
-  } else {
-    for (Index t = 0; t < pairs; ++t) attend(t, threads);
-  }
+  run_attention(calls, options);
 }
 
 }  // namespace detail

@@ -33,18 +33,15 @@ void sdpa_into(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::M
   with_mask_model(
       where, q.rows(), k.rows(), o, MaskExtras<S>{},
       [&](const auto& mask) {
-        if (!use_split_keys<S>(q.rows(), k.rows()))
-          return fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, o, out);
-        AttentionOptions serial = o;
-        serial.threads = 1;
-        split_key_attention<S>(
-            1, q.rows(), v.cols(), k.rows(), resolve_threads(o.threads),
-            [&](Index, KeyRange keys, const AttentionOutput<S>& part) {
-              fused_attention(qv.view(), kv.view(), vv.view(), mask, scale, serial, part, keys);
-            },
-            [&](Index) { return out; });
+        using Mask = std::decay_t<decltype(mask)>;
+        run_attention<S, Mask>({{qv.view(), kv.view(), vv.view(), mask, scale, out}}, o);
       },
       extras...);
+}
+
+inline void check_out_shape(const char* where, Index rows, Index cols, Index n, Index dv) {
+  if (rows != n || cols != dv)
+    fail(where, "out is ", shape_str(rows, cols), " but must be n x d_v = ", shape_str(n, dv));
 }
 
 template <class DQ, class DK, class DV>
@@ -90,9 +87,7 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
                                   const AttentionOptions& options = {}, const Extras&... extras) {
   constexpr const char* kWhere = "scaled_dot_product_attention";
   detail::check_sdpa_call(kWhere, q, k, v, options);
-  if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
-                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  detail::check_out_shape(kWhere, out.rows(), out.cols(), q.rows(), v.cols());
   detail::sdpa_into(kWhere, q, k, v, {out.data(), out.outerStride(), nullptr}, options, extras...);
 }
 
@@ -105,9 +100,7 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
                                   const Extras&... extras) {
   constexpr const char* kWhere = "scaled_dot_product_attention";
   detail::check_sdpa_call(kWhere, q, k, v, options);
-  if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
-                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  detail::check_out_shape(kWhere, out.rows(), out.cols(), q.rows(), v.cols());
   if (lse.size() != q.rows())
     detail::fail(kWhere, "lse has ", lse.size(), " entries but must have one per query row, n = ", q.rows());
   detail::sdpa_into(kWhere, q, k, v, {out.data(), out.outerStride(), lse.data()}, options, extras...);

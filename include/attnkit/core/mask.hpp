@@ -38,7 +38,13 @@ struct KeyRange {
   Index end = 0;
   bool empty() const { return end <= begin; }
   Index size() const { return empty() ? 0 : end - begin; }
+  static KeyRange all() { return {0, std::numeric_limits<Index>::max()}; }
 };
+
+inline KeyRange intersect(KeyRange a, KeyRange b) {
+  const Index begin = std::max(a.begin, b.begin);
+  return {begin, std::max(begin, std::min(a.end, b.end))};
+}
 
 enum class TileKind { kEmpty, kFull, kPartial };
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -32,8 +33,9 @@ TilePlan plan_tiles(Index n, Index m, const AttentionOptions& o) {
           round_up(std::min(cols, std::max<Index>(m, 1)), K::kPacket)};
 }
 
-/// Per-thread scratch of the fused loop, allocated once per call and worker. Not zero-filled: every value the loop
-/// reads it has written first (packing zero-pads, scores and accumulators are produced before use).
+/// Per-thread scratch of the fused loop. Not zero-filled: every value the loop reads it has written first (packing
+/// zero-pads, scores and accumulators are produced before use). fit() only ever grows it, so one workspace serves a
+/// worker's successive calls (split-K runs many small calls per worker).
 template <class S>
 struct AttentionWorkspace {
   using Buffer = Eigen::Matrix<S, Eigen::Dynamic, 1>;
@@ -41,24 +43,26 @@ struct AttentionWorkspace {
   std::vector<KeyRange> ranges;
   std::vector<SoftmaxState<S>> stats;
 
-  AttentionWorkspace(const TilePlan& plan, Index d, Index dv) {
+  // Scalars of each buffer, in member order: queries, keys, values, scores, acc, alpha.
+  static std::array<Index, 6> sizes(const TilePlan& plan, Index d, Index dv) {
     using K = KernelShape<S>;
     const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
-    queries.resize(plan.rows * d);
-    keys.resize(round_up(cols, K::kCols) * d);
-    values.resize(plan.cols * round_up(dv_pad, K::kCols));
-    scores.resize(plan.rows * cols);
-    acc.resize(plan.rows * dv_pad);
-    alpha.resize(plan.rows);
-    ranges.resize(plan.rows);
-    stats.resize(plan.rows);
+    return {plan.rows * d,    round_up(cols, K::kCols) * d, plan.cols * round_up(dv_pad, K::kCols),
+            plan.rows * cols, plan.rows * dv_pad,           plan.rows};
+  }
+
+  AttentionWorkspace& fit(const TilePlan& plan, Index d, Index dv) {
+    const std::array<Index, 6> need = sizes(plan, d, dv);
+    Buffer* buffers[] = {&queries, &keys, &values, &scores, &acc, &alpha};
+    for (size_t b = 0; b < need.size(); ++b)
+      if (buffers[b]->size() < need[b]) buffers[b]->resize(need[b]);
+    if (Index(ranges.size()) < plan.rows) ranges.resize(size_t(plan.rows)), stats.resize(size_t(plan.rows));
+    return *this;
   }
 
   static Index bytes(const TilePlan& plan, Index d, Index dv) {
-    using K = KernelShape<S>;
-    const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
-    const Index scalars = plan.rows * d + round_up(cols, K::kCols) * d + plan.cols * round_up(dv_pad, K::kCols) +
-                          plan.rows * cols + plan.rows * dv_pad + plan.rows;
+    Index scalars = 0;
+    for (Index size : sizes(plan, d, dv)) scalars += size;
     return scalars * Index(sizeof(S)) + plan.rows * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>));
   }
 };
@@ -85,11 +89,12 @@ struct AttentionOutput {
 /// micro-kernel, apply score modifiers (all tiles) and the mask (partial tiles only), one online-softmax step per row,
 /// and acc = alpha .* acc + P V. Keys outside every row's range (padding, causal future) are never packed nor read.
 /// `keys` restricts the call to keys [keys.begin, keys.end) (split-K decoding); the output is then normalised over
-/// those keys alone and the log-sum-exp says how to merge it with other ranges (merge_key_ranges).
+/// those keys alone and the log-sum-exp says how to merge it with other ranges (merge_key_ranges). With `workspace`,
+/// the query tiles run one after another on the caller's thread, in that workspace.
 template <class S, class Mask>
 void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v, const Mask& mask,
-                     S scale, const AttentionOptions& o, const AttentionOutput<S>& out,
-                     KeyRange keys = {0, std::numeric_limits<Index>::max()}) {
+                     S scale, const AttentionOptions& o, const AttentionOutput<S>& out, KeyRange keys = KeyRange::all(),
+                     AttentionWorkspace<S>* workspace = nullptr) {
   using K = KernelShape<S>;
   const Index n = q.rows, m = k.rows, d = q.cols, dv = v.cols;
   if (n == 0) return;
@@ -98,13 +103,11 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const Index tiles = (n + plan.rows - 1) / plan.rows;
   const bool values_in_place = v.row_contiguous() && dv % K::kPacket == 0;
 
-  auto make_workspace = [&] { return AttentionWorkspace<S>(plan, d, dv); };
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
     const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
     Index key_begin = m, key_end = 0;
     for (Index r = 0; r < rows; ++r) {
-      KeyRange g = mask.row_range(i0 + r);
-      g = {std::max(g.begin, keys.begin), std::max(std::max(g.begin, keys.begin), std::min(g.end, keys.end))};
+      const KeyRange g = intersect(mask.row_range(i0 + r), keys);
       ws.ranges[r] = g;
       if (!g.empty()) key_begin = std::min(key_begin, g.begin), key_end = std::max(key_end, g.end);
       const S row_scale = mask.row_scale(i0 + r, scale);
@@ -150,6 +153,16 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       if (out.lse) out.lse[i0 + r] = ws.stats[r].log_sum_exp();
     }
   };
+  if (workspace) {
+    workspace->fit(plan, d, dv);
+    for (Index t = 0; t < tiles; ++t) run_tile(t, *workspace);
+    return;
+  }
+  const auto make_workspace = [&] {
+    AttentionWorkspace<S> ws;
+    ws.fit(plan, d, dv);
+    return ws;
+  };
   parallel_for(tiles, o.threads, make_workspace, run_tile);
 }
 
@@ -182,12 +195,17 @@ void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, 
   }
 }
 
-/// Split-K ("flash decoding", Dao et al. 2023) for a few query rows over many keys: one query tile would leave every
-/// thread but one idle and stream the keys once per call. Keys are cut into chunks of kSplitKeys (a fixed size, so
-/// the result never depends on the thread count); each task runs every one of `calls` problems (the key/value heads
-/// of a layer, or a single head) over its chunk while the chunk is in cache, and the chunks are merged exactly
-/// through their log-sum-exps. run(call, keys, partial_out) computes one problem over one key range;
-/// out_of(call) is where the merged rows of that problem go. Workspace: calls * chunks * rows * (dv + 1) scalars.
+/// One attention problem of a batch: queries, keys, values, its mask model and logit scale, and its destination.
+template <class S, class Mask>
+struct AttentionCall {
+  StridedView<S> q, k, v;
+  Mask mask;
+  S scale;
+  AttentionOutput<S> out;
+};
+
+/// Split-K ("flash decoding", Dao et al. 2023) pays when a few query rows meet many keys: one query tile would leave
+/// every thread but one idle. kSplitKeys is a fixed chunk size, so the result never depends on the thread count.
 constexpr Index kSplitKeys = 512;
 
 template <class S>
@@ -195,22 +213,65 @@ bool use_split_keys(Index rows, Index m) {
   return rows <= KernelShape<S>::kRows && m >= 2 * kSplitKeys;
 }
 
-template <class S, class Run, class OutOf>
-void split_key_attention(Index calls, Index rows, Index dv, Index m, int threads, const Run& run, const OutOf& out_of) {
+/// Runs `calls` with the same number of query rows, keys and values columns split-K: each task takes one chunk of
+/// keys through every call while the chunk is in cache (one reused workspace per worker), and the chunks are merged
+/// exactly through their log-sum-exps.
+template <class S, class Mask>
+void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const AttentionOptions& o) {
+  const Index rows = calls[0].q.rows, m = calls[0].k.rows, dv = calls[0].v.cols;
   const Index chunks = (m + kSplitKeys - 1) / kSplitKeys;
-  Eigen::Matrix<S, Eigen::Dynamic, 1> partial(calls * chunks * rows * dv), lse(calls * chunks * rows);
+  AttentionOptions serial = o;
+  serial.threads = 1;
+  Eigen::Matrix<S, Eigen::Dynamic, 1> partial(count * chunks * rows * dv), lse(count * chunks * rows);
   parallel_for(
-      chunks, threads, [] { return 0; },
-      [&](Index c, int&) {
+      chunks, o.threads, [] { return AttentionWorkspace<S>(); },
+      [&](Index c, AttentionWorkspace<S>& ws) {
         const KeyRange keys{c * kSplitKeys, std::min(m, (c + 1) * kSplitKeys)};
-        for (Index call = 0; call < calls; ++call) {
-          const Index first = (call * chunks + c) * rows;
-          run(call, keys, AttentionOutput<S>{partial.data() + first * dv, dv, lse.data() + first});
+        for (Index i = 0; i < count; ++i) {
+          const AttentionCall<S, Mask>& call = calls[i];
+          const Index first = (i * chunks + c) * rows;
+          fused_attention(call.q, call.k, call.v, call.mask, call.scale, serial,
+                          AttentionOutput<S>{partial.data() + first * dv, dv, lse.data() + first}, keys, &ws);
         }
       });
-  for (Index call = 0; call < calls; ++call)
-    merge_key_ranges(partial.data() + call * chunks * rows * dv, lse.data() + call * chunks * rows, chunks, rows, dv,
-                     out_of(call));
+  for (Index i = 0; i < count; ++i)
+    merge_key_ranges(partial.data() + i * chunks * rows * dv, lse.data() + i * chunks * rows, chunks, rows, dv,
+                     calls[i].out);
+}
+
+/// The one entry point of exact attention: runs every call. Runs of consecutive calls shaped for decoding (a few
+/// query rows over many keys, same shapes) go split-K; the others run whole, in parallel one thread each when there
+/// are at least as many of them as threads, otherwise one after another with every thread on its query tiles. Which
+/// path a call takes depends on the shapes only, so results are the same for any thread count.
+template <class S, class Mask>
+void run_attention(const std::vector<AttentionCall<S, Mask>>& calls, const AttentionOptions& o) {
+  const auto same_shape = [](const AttentionCall<S, Mask>& a, const AttentionCall<S, Mask>& b) {
+    return a.q.rows == b.q.rows && a.k.rows == b.k.rows && a.v.cols == b.v.cols;
+  };
+  std::vector<const AttentionCall<S, Mask>*> whole;
+  for (size_t i = 0; i < calls.size();) {
+    if (!use_split_keys<S>(calls[i].q.rows, calls[i].k.rows)) {
+      whole.push_back(&calls[i++]);
+      continue;
+    }
+    size_t end = i + 1;
+    while (end < calls.size() && same_shape(calls[i], calls[end])) ++end;
+    split_key_attention(&calls[i], Index(end - i), o);
+    i = end;
+  }
+  const int threads = resolve_threads(o.threads);
+  AttentionOptions per_call = o;
+  per_call.threads = Index(whole.size()) >= threads ? 1 : threads;
+  const auto run = [&](Index i) {
+    const AttentionCall<S, Mask>& c = *whole[size_t(i)];
+    fused_attention(c.q, c.k, c.v, c.mask, c.scale, per_call, c.out);
+  };
+  if (per_call.threads == 1 && threads > 1) {
+    parallel_for(
+        Index(whole.size()), threads, [] { return 0; }, [&](Index i, int&) { run(i); });
+  } else {
+    for (Index i = 0; i < Index(whole.size()); ++i) run(i);
+  }
 }
 
 }  // namespace attnkit::detail

@@ -257,20 +257,18 @@ class MultiHeadAttention {
       check_inputs(kWhere, batch[b], batch[b], batch[b], options);
     }
     std::vector<Sequence> seqs(batch.size());
-    const int threads = detail::resolve_threads(options.threads);
-    detail::parallel_for(
-        Index(batch.size()), threads, [] { return 0; },
-        [&](Index b, int&) { project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0, 1); });
+    const Index count = Index(batch.size());
+    detail::for_each_item(count, options.threads, [&](Index b, int threads) {
+      project(batch[size_t(b)], batch[size_t(b)], batch[size_t(b)], seqs[size_t(b)], 0, threads);
+    });
     std::vector<detail::HeadsJob<S>> jobs;
     for (auto& s : seqs) jobs.push_back(job(s));
     attend_all(jobs, options);
     std::vector<Matrix<S>> out(batch.size());
-    detail::parallel_for(
-        Index(batch.size()), threads, [] { return 0; },
-        [&](Index b, int&) {
-          out[size_t(b)].resize(batch[size_t(b)].rows(), output_width());
-          finish(seqs[size_t(b)].concat, out[size_t(b)], 1);
-        });
+    detail::for_each_item(count, options.threads, [&](Index b, int threads) {
+      out[size_t(b)].resize(batch[size_t(b)].rows(), output_width());
+      finish(seqs[size_t(b)].concat, out[size_t(b)], threads);
+    });
     return out;
   }
 

@@ -259,19 +259,12 @@ void run_attention(const std::vector<AttentionCall<S, Mask>>& calls, const Atten
     split_key_attention(&calls[i], Index(end - i), o);
     i = end;
   }
-  const int threads = resolve_threads(o.threads);
-  AttentionOptions per_call = o;
-  per_call.threads = Index(whole.size()) >= threads ? 1 : threads;
-  const auto run = [&](Index i) {
+  for_each_item(Index(whole.size()), o.threads, [&](Index i, int threads) {
     const AttentionCall<S, Mask>& c = *whole[size_t(i)];
+    AttentionOptions per_call = o;
+    per_call.threads = threads;
     fused_attention(c.q, c.k, c.v, c.mask, c.scale, per_call, c.out);
-  };
-  if (per_call.threads == 1 && threads > 1) {
-    parallel_for(
-        Index(whole.size()), threads, [] { return 0; }, [&](Index i, int&) { run(i); });
-  } else {
-    for (Index i = 0; i < Index(whole.size()); ++i) run(i);
-  }
+  });
 }
 
 }  // namespace attnkit::detail

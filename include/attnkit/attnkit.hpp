@@ -8,3 +8,4 @@
 #include "multi_head.hpp"
 #include "reference.hpp"
 #include "sdpa.hpp"
+#include "sparse.hpp"

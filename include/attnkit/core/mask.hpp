@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "error.hpp"
 #include "options.hpp"
@@ -73,9 +74,12 @@ class MaskModel {
         o_(o),
         extras_(extras) {}
 
+  /// Row i's position on the key axis (after alignment): causal, window and ALiBi compare it with key indices.
+  Index position(Index i) const { return i % period_ + offset_; }
+
   /// The contiguous part of row i's allowed keys: causal, window and key padding.
   KeyRange row_range(Index i) const {
-    const Index a = i % period_ + offset_;
+    const Index a = position(i);
     Index begin = 0, end = o_.key_length >= 0 ? o_.key_length : m_;
     if (o_.causal) end = std::min(end, a + 1);
     if (o_.window_left >= 0) begin = std::max(begin, a - o_.window_left);
@@ -113,9 +117,15 @@ class MaskModel {
 
   /// score callable -> softcap -> bias + ALiBi, on the scaled logits row[c] = s(i, j0 + c), c < count.
   void modify_row(Index i, Index j0, S* row, Index count) const {
+    modify_row(i, row, count, [j0](Index c) { return j0 + c; });
+  }
+
+  /// As above for keys that are not contiguous: row[c] is the logit of key key_of(c) (gathered sparse tiles).
+  template <class KeyOf>
+  void modify_row(Index i, S* row, Index count, KeyOf key_of) const {
     Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>> r(row, count);
     if constexpr (kHasScoreFn) {
-      for (Index c = 0; c < count; ++c) row[c] = static_cast<S>(extras_.score(row[c], i, j0 + c));
+      for (Index c = 0; c < count; ++c) row[c] = static_cast<S>(extras_.score(row[c], i, key_of(c)));
     }
     if (o_.softcap > 0) {
       const S cap = static_cast<S>(o_.softcap);
@@ -123,13 +133,13 @@ class MaskModel {
     }
     if (extras_.bias) {
       const StridedView<S>& b = *extras_.bias;
-      for (Index c = 0; c < count; ++c) row[c] += b(i, j0 + c);
+      for (Index c = 0; c < count; ++c) row[c] += b(i, key_of(c));
     }
     const double alibi = slopes_ ? slopes_[i / period_] : o_.alibi_slope;
     if (alibi > 0) {
       const S slope = static_cast<S>(alibi);
-      const Index a = i % period_ + offset_;
-      for (Index c = 0; c < count; ++c) row[c] -= slope * static_cast<S>(std::abs(a - (j0 + c)));
+      const Index a = position(i);
+      for (Index c = 0; c < count; ++c) row[c] -= slope * static_cast<S>(std::abs(a - key_of(c)));
     }
   }
 
@@ -157,6 +167,15 @@ class MaskModel {
     }
     if (!any) return TileKind::kEmpty;
     return all ? TileKind::kFull : TileKind::kPartial;
+  }
+  TileKind classify(Index /*i0*/, const KeyRange* ranges, Index rows, Index j0, Index count) const {
+    return classify(ranges, rows, j0, count);
+  }
+
+  /// The key spans the tile loop walks for query rows [i0, i0 + rows) whose ranges span `hull`: the hull itself.
+  /// (Sparse patterns list several spans and skip the keys between them.)
+  void key_spans(Index /*i0*/, Index /*rows*/, KeyRange hull, std::vector<KeyRange>& spans) const {
+    spans.assign(1, hull);
   }
 
  private:

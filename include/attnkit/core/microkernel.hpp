@@ -137,16 +137,19 @@ void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count
     for (Index c = 0; c < full; c += P) {
       for (Index k = 0; k < width_blocked; k += P) {
         PacketBlock<Packet, P> block;
-        for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(&x(j0 + col + c + r, k));
+        for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(x.row(j0 + col + c + r) + k);
         ptranspose(block);
         for (Index r = 0; r < P; ++r) pstoreu(dst + (k + r) * w + c, block.packet[r]);
       }
-      for (Index r = 0; r < P; ++r)
-        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = x(j0 + col + c + r, k);
+      for (Index r = 0; r < P; ++r) {
+        const S* src = x.row(j0 + col + c + r);
+        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = src[k * x.col_stride];
+      }
     }
     for (Index c = full; c < w; ++c) {
       const bool valid = col + c < count;
-      for (Index k = 0; k < width; ++k) dst[k * w + c] = valid ? x(j0 + col + c, k) : S(0);
+      const S* src = valid ? x.row(j0 + col + c) : nullptr;
+      for (Index k = 0; k < width; ++k) dst[k * w + c] = valid ? src[k * x.col_stride] : S(0);
     }
     dst += width * w;
   }
@@ -162,7 +165,8 @@ void pack_rows(const StridedView<S>& x, Index j0, Index count, Index cols_pad, S
     const Index valid = std::clamp<Index>(x.cols - col, 0, w);
     S* d = dst + col * count;
     for (Index j = 0; j < count; ++j, d += w) {
-      for (Index c = 0; c < valid; ++c) d[c] = x(j0 + j, col + c);
+      const S* src = x.row(j0 + j);
+      for (Index c = 0; c < valid; ++c) d[c] = src[(col + c) * x.col_stride];
       for (Index c = valid; c < w; ++c) d[c] = S(0);
     }
   }

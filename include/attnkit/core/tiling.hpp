@@ -27,10 +27,10 @@ struct TilePlan {
 template <class S>
 TilePlan plan_tiles(Index n, Index m, const AttentionOptions& o) {
   using K = KernelShape<S>;
+  // An explicit query tile is kept as given (block-sparse patterns align tiles with their blocks).
   const Index rows = o.query_tile > 0 ? o.query_tile : 16 * K::kRows;
   const Index cols = o.key_tile > 0 ? o.key_tile : 256;
-  return {std::min(round_up(rows, K::kRows), std::max<Index>(n, 1)),
-          round_up(std::min(cols, std::max<Index>(m, 1)), K::kPacket)};
+  return {std::min(rows, std::max<Index>(n, 1)), round_up(std::min(cols, std::max<Index>(m, 1)), K::kPacket)};
 }
 
 /// Per-thread scratch of the fused loop. Not zero-filled: every value the loop reads it has written first (packing
@@ -40,7 +40,7 @@ template <class S>
 struct AttentionWorkspace {
   using Buffer = Eigen::Matrix<S, Eigen::Dynamic, 1>;
   Buffer queries, keys, values, scores, acc, alpha;
-  std::vector<KeyRange> ranges;
+  std::vector<KeyRange> ranges, spans;
   std::vector<SoftmaxState<S>> stats;
 
   // Scalars of each buffer, in member order: queries, keys, values, scores, acc, alpha.
@@ -73,17 +73,18 @@ template <class S>
 struct AttentionOutput {
   S* data;
   Index stride;
-  S* lse;  // may be null
+  S* lse;  // may be null; row i's entry is lse[i * lse_stride]
   Index group_rows = 0;
   Index group_stride = 0;
+  Index lse_stride = 1;
 
   S* row(Index i) const {
     return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * stride : data + i * stride;
   }
 };
 
-/// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, classify,
-/// modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
+/// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
+/// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
 /// Per query tile: pack Q (scaled per row), then for each key tile that is not empty: pack K^T and V, S = Q K^T by the
 /// micro-kernel, apply score modifiers (all tiles) and the mask (partial tiles only), one online-softmax step per row,
@@ -101,7 +102,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const TilePlan plan = plan_tiles<S>(n, m, o);
   const Index dv_pad = round_up(dv, K::kPacket);
   const Index tiles = (n + plan.rows - 1) / plan.rows;
-  const bool values_in_place = v.row_contiguous() && dv % K::kPacket == 0;
+  const bool values_in_place = v.row_contiguous() && v.group_rows == 0 && dv % K::kPacket == 0;
 
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
     const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
@@ -118,39 +119,44 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
     ws.acc.head(rows * dv_pad).setZero();
 
-    for (Index j0 = key_begin; j0 < key_end; j0 += plan.cols) {
-      const Index cols = std::min(plan.cols, key_end - j0), cols_pad = round_up(cols, K::kPacket);
-      const TileKind kind = mask.classify(ws.ranges.data(), rows, j0, cols);
-      if (kind == TileKind::kEmpty) continue;
-      pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-      tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
-                             ws.scores.data(), cols_pad, nullptr);
-      for (Index r = 0; r < rows; ++r) {
-        S* row = ws.scores.data() + r * cols_pad;
-        if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
-        if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
-        ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+    if (key_begin < key_end)
+      mask.key_spans(i0, rows, KeyRange{key_begin, key_end}, ws.spans);
+    else
+      ws.spans.clear();
+    for (const KeyRange span : ws.spans)
+      for (Index j0 = span.begin; j0 < span.end; j0 += plan.cols) {
+        const Index cols = std::min(plan.cols, span.end - j0), cols_pad = round_up(cols, K::kPacket);
+        const TileKind kind = mask.classify(i0, ws.ranges.data(), rows, j0, cols);
+        if (kind == TileKind::kEmpty) continue;
+        pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
+        tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
+                               ws.scores.data(), cols_pad, nullptr);
+        for (Index r = 0; r < rows; ++r) {
+          S* row = ws.scores.data() + r * cols_pad;
+          if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
+          if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
+          ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+        }
+        // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
+        RhsPanels<S> values{v.row(j0), K::kCols, v.row_stride};
+        if (!values_in_place) {
+          pack_rows(v, j0, cols, dv_pad, ws.values.data());
+          values = {ws.values.data(), cols * K::kCols, 0};
+        }
+        if (kind == TileKind::kPartial)
+          tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                                ws.alpha.data());
+        else
+          tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                                 ws.alpha.data());
       }
-      // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
-      RhsPanels<S> values{&v(j0, 0), K::kCols, v.row_stride};
-      if (!values_in_place) {
-        pack_rows(v, j0, cols, dv_pad, ws.values.data());
-        values = {ws.values.data(), cols * K::kCols, 0};
-      }
-      if (kind == TileKind::kPartial)
-        tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                              ws.alpha.data());
-      else
-        tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                               ws.alpha.data());
-    }
 
     for (Index r = 0; r < rows; ++r) {
       const S inv = ws.stats[r].inverse_sum();
       const S* a = ws.acc.data() + r * dv_pad;
       S* dst = out.row(i0 + r);
       for (Index c = 0; c < dv; ++c) dst[c] = a[c] * inv;
-      if (out.lse) out.lse[i0 + r] = ws.stats[r].log_sum_exp();
+      if (out.lse) out.lse[(i0 + r) * out.lse_stride] = ws.stats[r].log_sum_exp();
     }
   };
   if (workspace) {
@@ -179,7 +185,7 @@ void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, 
     S* dst = out.row(i);
     std::fill(dst, dst + dv, S(0));
     if (total.max == -std::numeric_limits<S>::infinity()) {
-      if (out.lse) out.lse[i] = total.max;
+      if (out.lse) out.lse[i * out.lse_stride] = total.max;
       continue;
     }
     for (Index p = 0; p < parts; ++p) {
@@ -191,7 +197,7 @@ void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, 
       for (Index c = 0; c < dv; ++c) dst[c] += w * part[c];
     }
     for (Index c = 0; c < dv; ++c) dst[c] *= total.inverse_sum();
-    if (out.lse) out.lse[i] = total.log_sum_exp();
+    if (out.lse) out.lse[i * out.lse_stride] = total.log_sum_exp();
   }
 }
 

@@ -5,11 +5,12 @@
 
 namespace attnkit::detail {
 
-/// Element (i, j) lives at data[i * row_stride + j * col_stride]. Row-major storage has col_stride == 1.
+/// Element (i, j) lives at row(i)[j * col_stride]; without groups row(i) is data + i * row_stride. Row-major storage
+/// has col_stride == 1.
 ///
-/// Optionally the rows fold groups (grouped-query attention stacks the query heads that share one key/value head):
-/// with group_rows > 0, row i is row i % group_rows of group i / group_rows, and groups are group_stride apart.
-/// Only row() honours groups; kernels use it where a view may be grouped (the queries).
+/// Optionally the rows fold groups: with group_rows > 0, row i is row i % group_rows of group i / group_rows, and
+/// groups are group_stride apart. Grouped-query attention stacks the query heads that share one key/value head this
+/// way; sparse attention gathers every l-th run of c keys (fixed pattern) or every k-th row (atrous) without copying.
 template <class S>
 struct StridedView {
   const S* data = nullptr;
@@ -20,7 +21,7 @@ struct StridedView {
   Index group_rows = 0;
   Index group_stride = 0;
 
-  const S& operator()(Index i, Index j) const { return data[i * row_stride + j * col_stride]; }
+  const S& operator()(Index i, Index j) const { return row(i)[j * col_stride]; }
   const S* row(Index i) const {
     return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * row_stride
                           : data + i * row_stride;

@@ -1,0 +1,629 @@
+// attnkit: sparse attention (Child et al. 2019, "Generating Long Sequences with Sparse Transformers"; Su, "saving-born"
+// sparse attention), SPEC section 2. Each query attends to an index set A_i; the cost is O(sum_i |A_i| d), never n x m.
+//
+// How it runs on the core's tile loop. A pattern is a union of terms of two kinds:
+//  - direct terms (local band, fixed's segment, block layout) are intervals or tiles in the original key order: one
+//    fused call walks, per query tile, only the key spans those terms touch; tiles are empty, full or partial, and
+//    only partial tiles evaluate the per-element rule;
+//  - gathered terms (atrous residue classes, fixed's summary columns) are strided: their keys (and, for atrous, their
+//    queries) are viewed as dense sub-problems through strided views, so the inner loop stays the dense micro-kernel
+//    and nothing is copied. A gathered call masks out the keys an earlier term already counted.
+// The calls of one block of query rows produce partial outputs with their log-sum-exps, merged exactly: one softmax
+// over the union, each key once.
+#pragma once
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/mask.hpp"
+#include "core/options.hpp"
+#include "core/tiling.hpp"
+#include "core/types.hpp"
+#include "core/view.hpp"
+#include "reference.hpp"
+#include "sdpa.hpp"
+
+namespace attnkit {
+namespace detail {
+
+inline Index floor_div(Index a, Index b) { return a / b - ((a % b != 0) && ((a < 0) != (b < 0)) ? 1 : 0); }
+inline Index floor_mod(Index a, Index b) { return a - floor_div(a, b) * b; }
+
+/// How much of a contiguous key range [j0, j1) a term allows for one query row.
+enum class Cover { kNone, kSome, kAll };
+
+inline Cover cover_of(KeyRange allowed, Index j0, Index j1) {
+  if (allowed.empty() || allowed.end <= j0 || allowed.begin >= j1) return Cover::kNone;
+  return allowed.begin <= j0 && allowed.end >= j1 ? Cover::kAll : Cover::kSome;
+}
+
+inline Cover cover_union(Cover a, Cover b) {
+  if (a == Cover::kAll || b == Cover::kAll) return Cover::kAll;
+  return a == Cover::kSome || b == Cover::kSome ? Cover::kSome : Cover::kNone;
+}
+
+/// A block layout with, per query block, the runs of consecutive allowed key blocks (in key-block units).
+struct BlockLayout {
+  Index rows = 0, cols = 0, size = 1;
+  std::vector<unsigned char> allowed;  // rows x cols
+  std::vector<Index> run_offsets;      // rows + 1
+  std::vector<KeyRange> runs;
+
+  bool at(Index qb, Index kb) const { return allowed[size_t(qb * cols + kb)] != 0; }
+};
+
+/// An index map s -> first + (s / group) * stride + s % group: which original row a row of a gathered view is.
+struct IndexMap {
+  Index first = 0, group = 1, stride = 1;
+
+  Index operator()(Index s) const { return group == 1 ? first + s * stride : first + (s / group) * stride + s % group; }
+  /// Number of s >= 0 with map(s) < x.
+  Index count_below(Index x) const {
+    if (x <= first) return 0;
+    const Index u = x - first, full = u / stride;
+    return full * group + std::min(u - full * stride, group);
+  }
+};
+
+}  // namespace detail
+
+/// \brief Which keys each query attends to (SPEC section 2). Build one with the factories and combine with `|`.
+///
+/// Positions are aligned like the other masks: query i sits at a = i + m - n (CausalAlign::kBottomRight, the default)
+/// or a = i (kTopLeft). Sets, for query position a and key j:
+///  - local(w): |a - j| <= w
+///  - atrous(k, window): (a - j) mod k == 0, and |a - j| <= window unless window is -1
+///  - local_atrous(k): |a - j| <= k, union (a - j) mod k == 0 (Su's combination; one softmax, no duplicate keys)
+///  - strided(l): max(0, a - l) <= j <= a, union j <= a with (a - j) mod l == 0. This set is causal by definition
+///    (SPEC), so options.causal changes nothing; it equals local_atrous(l) with causal attention.
+///  - fixed(l, c): floor(j / l) == floor(a / l), union j mod l >= l - c
+///  - block(layout, b): layout(i / b, j / b) on raw indices; layout is ceil(n / b) x ceil(m / b) (checked per call)
+/// AttentionOptions then intersect: causal keeps j <= a, the window and key padding apply as in dense attention.
+class SparsePattern {
+ public:
+  enum class Kind { kBand, kResidue, kSegment, kColumns, kBlocks };
+  /// One term of the union. Band: a - left <= j <= a + right. Residue: (a - j) mod rate == 0 and, where left / right
+  /// are >= 0, a - left <= j <= a + right. Segment: floor(j / rate) == floor(a / rate). Columns: j mod rate >=
+  /// rate - count. Blocks: layout.
+  struct Term {
+    Kind kind;
+    Index rate = 1, left = -1, right = -1, count = 0;
+    std::shared_ptr<const detail::BlockLayout> layout;
+
+    /// Direct terms run in the original key order; gathered ones (residue, columns) through strided views.
+    bool gathered() const { return kind == Kind::kResidue || kind == Kind::kColumns; }
+  };
+
+  /// The empty pattern (no key for any query); combine with `|`. sparse_attention rejects it.
+  SparsePattern() = default;
+
+  static SparsePattern local(Index w) {
+    if (w < 0) detail::fail("SparsePattern::local", "w must be >= 0, got ", w);
+    return SparsePattern(term(Kind::kBand, 1, w, w));
+  }
+  static SparsePattern atrous(Index k, Index window = -1) {
+    if (k < 1) detail::fail("SparsePattern::atrous", "k (the dilation rate) must be >= 1, got ", k);
+    if (window < -1) detail::fail("SparsePattern::atrous", "window must be >= 0, or -1 for unbounded, got ", window);
+    return SparsePattern(term(Kind::kResidue, k, window, window));
+  }
+  static SparsePattern local_atrous(Index k) {
+    if (k < 1) detail::fail("SparsePattern::local_atrous", "k must be >= 1, got ", k);
+    return SparsePattern(term(Kind::kBand, 1, k, k)) | SparsePattern(term(Kind::kResidue, k, -1, -1));
+  }
+  static SparsePattern strided(Index l) {
+    if (l < 1) detail::fail("SparsePattern::strided", "l (the stride) must be >= 1, got ", l);
+    return SparsePattern(term(Kind::kBand, 1, l, 0)) | SparsePattern(term(Kind::kResidue, l, -1, 0));
+  }
+  static SparsePattern fixed(Index l, Index c) {
+    if (l < 1) detail::fail("SparsePattern::fixed", "l (the block length) must be >= 1, got ", l);
+    if (c < 0 || c > l)
+      detail::fail("SparsePattern::fixed", "c (summary columns per block) must be in [0, l = ", l, "], got ", c);
+    SparsePattern p(term(Kind::kSegment, l));
+    if (c > 0) p |= SparsePattern(term(Kind::kColumns, l, -1, -1, c));
+    return p;
+  }
+  /// `layout` is any boolean (or 0/1 numeric) Eigen matrix over (query block, key block) tiles of block_size rows.
+  template <class Derived>
+  static SparsePattern block(const Eigen::MatrixBase<Derived>& layout, Index block_size) {
+    if (block_size < 1) detail::fail("SparsePattern::block", "block_size must be >= 1, got ", block_size);
+    auto b = std::make_shared<detail::BlockLayout>();
+    b->rows = layout.rows();
+    b->cols = layout.cols();
+    b->size = block_size;
+    b->allowed.resize(size_t(b->rows * b->cols));
+    b->run_offsets.push_back(0);
+    for (Index qb = 0; qb < b->rows; ++qb) {
+      for (Index kb = 0; kb < b->cols; ++kb) {
+        const bool on = layout(qb, kb) != typename Derived::Scalar(0);
+        b->allowed[size_t(qb * b->cols + kb)] = on;
+        if (!on) continue;
+        if (Index(b->runs.size()) > b->run_offsets.back() && b->runs.back().end == kb)
+          ++b->runs.back().end;
+        else
+          b->runs.push_back({kb, kb + 1});
+      }
+      b->run_offsets.push_back(Index(b->runs.size()));
+    }
+    Term t = term(Kind::kBlocks, block_size);
+    t.layout = std::move(b);
+    return SparsePattern(std::move(t));
+  }
+
+  /// The union: each query attends to the keys of either pattern, once.
+  SparsePattern& operator|=(const SparsePattern& other) {
+    terms_.insert(terms_.end(), other.terms_.begin(), other.terms_.end());
+    return *this;
+  }
+  friend SparsePattern operator|(SparsePattern a, const SparsePattern& b) { return a |= b; }
+
+  const std::vector<Term>& terms() const { return terms_; }
+  bool empty() const { return terms_.empty(); }
+
+  /// Whether query i may attend to key j in an n x m problem with these options (mask included). O(terms).
+  bool allows(Index i, Index j, Index n, Index m, const AttentionOptions& o = {}) const {
+    const detail::MaskModel<double> base(n, m, o, {});
+    const detail::KeyRange r = base.row_range(i);
+    if (j < r.begin || j >= r.end) return false;
+    for (const Term& t : terms_)
+      if (contains(t, base.position(i), i, j)) return true;
+    return false;
+  }
+
+  /// A_i, ascending: the keys query i attends to. O(m); meant for tests, examples and inspection.
+  std::vector<Index> keys(Index i, Index n, Index m, const AttentionOptions& o = {}) const {
+    std::vector<Index> out;
+    for (Index j = 0; j < m; ++j)
+      if (allows(i, j, n, m, o)) out.push_back(j);
+    return out;
+  }
+
+  /// The n x m boolean mask of the pattern (true = allowed). O(n m): for references and pictures, not for kernels.
+  BoolMatrix mask(Index n, Index m, const AttentionOptions& o = {}) const {
+    BoolMatrix b(n, m);
+    for (Index i = 0; i < n; ++i)
+      for (Index j = 0; j < m; ++j) b(i, j) = allows(i, j, n, m, o);
+    return b;
+  }
+
+  /// Whether term t holds (i, j), query i at position a; the mask's ranges are applied elsewhere.
+  static bool contains(const Term& t, Index a, Index i, Index j) {
+    using detail::floor_div;
+    switch (t.kind) {
+      case Kind::kBand:
+        return j >= a - t.left && j <= a + t.right;
+      case Kind::kResidue:
+        return detail::floor_mod(a - j, t.rate) == 0 && (t.left < 0 || j >= a - t.left) &&
+               (t.right < 0 || j <= a + t.right);
+      case Kind::kSegment:
+        return floor_div(j, t.rate) == floor_div(a, t.rate);
+      case Kind::kColumns:
+        return j % t.rate >= t.rate - t.count;
+      case Kind::kBlocks:
+        return i / t.rate < t.layout->rows && j / t.rate < t.layout->cols && t.layout->at(i / t.rate, j / t.rate);
+    }
+    return false;
+  }
+
+ private:
+  explicit SparsePattern(Term t) { terms_.push_back(std::move(t)); }
+  static Term term(Kind kind, Index rate, Index left = -1, Index right = -1, Index count = 0) {
+    Term t{kind, rate, left, right, count, nullptr};
+    return t;
+  }
+  std::vector<Term> terms_;
+};
+
+namespace detail {
+
+/// Everything one sparse_attention call shares between its fused sub-calls: the pattern's terms split into direct
+/// and gathered, the options' mask model (causal, window, padding, ALiBi, softcap) and optional per-row log-n scales.
+template <class S>
+struct SparseProblem {
+  using Term = SparsePattern::Term;
+  using Kind = SparsePattern::Kind;
+
+  SparseProblem(const char* where, const SparsePattern& p, Index n, Index m, const AttentionOptions& o)
+      : n(n), m(m), base(n, m, o, {}) {
+    if (p.empty())
+      fail(where, "the pattern is empty (no key for any query); build it with the SparsePattern factories");
+    for (const Term& t : p.terms()) {
+      if (t.kind == Kind::kBlocks) {
+        const Index rows = (n + t.rate - 1) / t.rate, cols = (m + t.rate - 1) / t.rate;
+        if (t.layout->rows != rows || t.layout->cols != cols)
+          fail(where, "the block layout is ", shape_str(t.layout->rows, t.layout->cols), " but with block_size ",
+               t.rate, ", q of ", n, " rows and k of ", m,
+               " rows it must be ceil(n/b) x ceil(m/b) = ", shape_str(rows, cols));
+      }
+      (t.gathered() ? gathered : direct).push_back(t);
+    }
+  }
+
+  /// The smallest interval holding every key of term t for query row i (position a).
+  KeyRange term_hull(const Term& t, Index a, Index i) const {
+    constexpr Index kMax = std::numeric_limits<Index>::max();
+    switch (t.kind) {
+      case Kind::kBand:
+        return {a - t.left, a + t.right + 1};
+      case Kind::kResidue:
+        return {t.left < 0 ? 0 : a - t.left, t.right < 0 ? kMax : a + t.right + 1};
+      case Kind::kSegment:
+        return {floor_div(a, t.rate) * t.rate, floor_div(a, t.rate) * t.rate + t.rate};
+      case Kind::kColumns:
+        return KeyRange::all();
+      case Kind::kBlocks: {
+        const Index qb = i / t.rate, first = t.layout->run_offsets[size_t(qb)],
+                    last = t.layout->run_offsets[size_t(qb) + 1];
+        if (first == last) return {0, 0};
+        return {t.layout->runs[size_t(first)].begin * t.rate, t.layout->runs[size_t(last - 1)].end * t.rate};
+      }
+    }
+    return {0, 0};
+  }
+
+  /// How much of the keys [j0, j1) term t allows for query row i (position a).
+  Cover term_cover(const Term& t, Index a, Index i, Index j0, Index j1) const {
+    switch (t.kind) {
+      case Kind::kBand:
+      case Kind::kSegment:
+        return cover_of(term_hull(t, a, i), j0, j1);
+      case Kind::kResidue: {
+        const KeyRange r = intersect(term_hull(t, a, i), {j0, j1});
+        if (r.empty()) return Cover::kNone;
+        if (r.begin + floor_mod(a - r.begin, t.rate) >= r.end) return Cover::kNone;
+        return t.rate == 1 ? cover_of(r, j0, j1) : Cover::kSome;
+      }
+      case Kind::kColumns: {
+        if (t.count == t.rate) return Cover::kAll;
+        const Index off = j0 % t.rate, first = off >= t.rate - t.count ? j0 : j0 + (t.rate - t.count - off);
+        return first < j1 ? Cover::kSome : Cover::kNone;
+      }
+      case Kind::kBlocks: {
+        bool any = false, all = true;
+        const Index qb = i / t.rate;
+        for (Index kb = j0 / t.rate; kb <= (j1 - 1) / t.rate; ++kb) {
+          const bool on = t.layout->at(qb, kb);
+          any = any || on;
+          all = all && on;
+        }
+        return !any ? Cover::kNone : all ? Cover::kAll : Cover::kSome;
+      }
+    }
+    return Cover::kSome;
+  }
+
+  /// Calls f(begin, end) for runs of keys of term t for row i (position a) inside `within`; runs may include keys
+  /// of other residues only for residue and columns terms, whose f is called per key.
+  template <class F>
+  void for_each_key(const Term& t, Index a, Index i, KeyRange within, F&& f) const {
+    const KeyRange r = intersect(term_hull(t, a, i), within);
+    if (r.empty()) return;
+    switch (t.kind) {
+      case Kind::kBand:
+      case Kind::kSegment:
+        for (Index j = r.begin; j < r.end; ++j) f(j);
+        return;
+      case Kind::kResidue:
+        for (Index j = r.begin + floor_mod(a - r.begin, t.rate); j < r.end; j += t.rate) f(j);
+        return;
+      case Kind::kColumns: {
+        const IndexMap map{t.rate - t.count, t.count, t.rate};
+        for (Index s = map.count_below(r.begin), e = map.count_below(r.end); s < e; ++s) f(map(s));
+        return;
+      }
+      case Kind::kBlocks: {
+        const Index qb = i / t.rate;
+        for (Index u = t.layout->run_offsets[size_t(qb)]; u < t.layout->run_offsets[size_t(qb) + 1]; ++u) {
+          const KeyRange run =
+              intersect({t.layout->runs[size_t(u)].begin * t.rate, t.layout->runs[size_t(u)].end * t.rate}, r);
+          for (Index j = run.begin; j < run.end; ++j) f(j);
+        }
+        return;
+      }
+    }
+  }
+
+  /// |A_i| exactly: each term's keys inside the row's mask range, not counted by an earlier term. O(sum of the terms'
+  /// sizes), for log-n scaling.
+  Index allowed_count(Index i) const {
+    const Index a = base.position(i);
+    const KeyRange range = base.row_range(i);
+    Index count = 0;
+    const std::vector<const Term*> all = terms_in_order();
+    for (size_t t = 0; t < all.size(); ++t)
+      for_each_key(*all[t], a, i, range, [&](Index j) {
+        for (size_t u = 0; u < t; ++u)
+          if (SparsePattern::contains(*all[u], a, i, j)) return;
+        ++count;
+      });
+    return count;
+  }
+
+  /// Direct terms first, then gathered ones: the order in which a gathered call excludes earlier keys.
+  std::vector<const Term*> terms_in_order() const {
+    std::vector<const Term*> all;
+    for (const Term& t : direct) all.push_back(&t);
+    for (const Term& t : gathered) all.push_back(&t);
+    return all;
+  }
+
+  Index n, m;
+  MaskModel<S> base;
+  std::vector<Term> direct, gathered;
+  const S* row_scales = nullptr;  // n entries with log-n scaling, else null
+};
+
+/// The mask of one fused sub-call of sparse attention, in the sub-call's own row and key indices: query row s is
+/// original row qmap(s) and key t is original key kmap(t). `term` is -1 for the direct call, else the index of its
+/// gathered term: that call keeps the keys no direct term and no earlier gathered term holds.
+template <class S>
+class SparseMask {
+ public:
+  SparseMask(const SparseProblem<S>* p, Index term, IndexMap qmap, IndexMap kmap)
+      : p_(p), term_(term), qmap_(qmap), kmap_(kmap) {}
+
+  KeyRange row_range(Index s) const {
+    const Index i = qmap_(s), a = p_->base.position(i);
+    KeyRange hull = {0, 0};
+    if (term_ < 0) {
+      for (const auto& t : p_->direct) {
+        const KeyRange h = p_->term_hull(t, a, i);
+        if (h.empty()) continue;
+        hull = hull.empty() ? h : KeyRange{std::min(hull.begin, h.begin), std::max(hull.end, h.end)};
+      }
+    } else {
+      hull = p_->term_hull(p_->gathered[size_t(term_)], a, i);
+    }
+    const KeyRange g = intersect(p_->base.row_range(i), hull);
+    return {kmap_.count_below(g.begin), kmap_.count_below(g.end)};
+  }
+
+  S row_scale(Index s, S scale) const { return p_->row_scales ? p_->row_scales[qmap_(s)] : scale; }
+
+  /// Direct call: the union of the spans each direct term touches for rows [s0, s0 + rows), so keys between blocks or
+  /// between a segment and a band are never visited. Gathered calls walk the hull.
+  void key_spans(Index s0, Index rows, KeyRange hull, std::vector<KeyRange>& spans) const {
+    spans.clear();
+    if (term_ >= 0) {
+      spans.push_back(hull);
+      return;
+    }
+    const Index i0 = qmap_(s0), i1 = qmap_(s0 + rows - 1);
+    const Index a0 = p_->base.position(i0), a1 = p_->base.position(i1);
+    for (const auto& t : p_->direct) {
+      if (t.kind == SparsePattern::Kind::kBlocks) {
+        for (Index qb = i0 / t.rate; qb <= i1 / t.rate; ++qb)
+          for (Index u = t.layout->run_offsets[size_t(qb)]; u < t.layout->run_offsets[size_t(qb) + 1]; ++u)
+            spans.push_back({t.layout->runs[size_t(u)].begin * t.rate, t.layout->runs[size_t(u)].end * t.rate});
+      } else {
+        const KeyRange first = p_->term_hull(t, a0, i0), last = p_->term_hull(t, a1, i1);
+        spans.push_back({first.begin, last.end});
+      }
+    }
+    std::sort(spans.begin(), spans.end(), [](KeyRange x, KeyRange y) { return x.begin < y.begin; });
+    size_t kept = 0;
+    for (const KeyRange r : spans) {
+      const KeyRange c = intersect(r, hull);
+      if (c.empty()) continue;
+      if (kept > 0 && c.begin <= spans[kept - 1].end)
+        spans[kept - 1].end = std::max(spans[kept - 1].end, c.end);
+      else
+        spans[kept++] = c;
+    }
+    spans.resize(kept);
+  }
+
+  TileKind classify(Index s0, const KeyRange* ranges, Index rows, Index t0, Index count) const {
+    const Index j0 = kmap_(t0), j1 = kmap_(t0 + count - 1) + 1;
+    bool any = false, all = true;
+    for (Index r = 0; r < rows; ++r) {
+      const Cover range = cover_of(ranges[r], t0, t0 + count);
+      const Cover pattern = range == Cover::kNone ? Cover::kNone : pattern_cover(qmap_(s0 + r), j0, j1);
+      if (pattern == Cover::kNone) {
+        all = false;
+        continue;
+      }
+      any = true;
+      all = all && range == Cover::kAll && pattern == Cover::kAll;
+    }
+    if (!any) return TileKind::kEmpty;
+    return all ? TileKind::kFull : TileKind::kPartial;
+  }
+
+  bool modifies_scores() const { return p_->base.modifies_scores(); }
+
+  void modify_row(Index s, Index t0, S* row, Index count) const {
+    p_->base.modify_row(qmap_(s), row, count, [&](Index c) { return kmap_(t0 + c); });
+  }
+
+  void mask_row(Index s, Index t0, S* row, Index count, KeyRange range) const {
+    constexpr S kNegInf = -std::numeric_limits<S>::infinity();
+    const Index lo = std::clamp<Index>(range.begin - t0, 0, count);
+    const Index hi = std::clamp<Index>(range.end - t0, lo, count);
+    std::fill(row, row + lo, kNegInf);
+    std::fill(row + hi, row + count, kNegInf);
+    const Index i = qmap_(s), a = p_->base.position(i);
+    for (Index c = lo; c < hi; ++c)
+      if (!keeps(a, i, kmap_(t0 + c))) row[c] = kNegInf;
+  }
+
+ private:
+  /// Whether this call counts key j for row i (inside the row's range).
+  bool keeps(Index a, Index i, Index j) const {
+    bool earlier = false;
+    for (const auto& t : p_->direct) earlier = earlier || SparsePattern::contains(t, a, i, j);
+    if (term_ < 0) return earlier;
+    for (Index g = 0; g < term_; ++g) earlier = earlier || SparsePattern::contains(p_->gathered[size_t(g)], a, i, j);
+    return !earlier;
+  }
+
+  /// What the pattern keeps of the original keys [j0, j1) for row i: for the direct call, the union of the direct
+  /// terms; for a gathered call, the complement of what earlier terms hold (its own keys are the view's keys).
+  Cover pattern_cover(Index i, Index j0, Index j1) const {
+    const Index a = p_->base.position(i);
+    Cover earlier = Cover::kNone;
+    for (const auto& t : p_->direct) {
+      if (earlier == Cover::kAll) break;
+      earlier = cover_union(earlier, p_->term_cover(t, a, i, j0, j1));
+    }
+    if (term_ < 0) return earlier;
+    for (Index g = 0; g < term_ && earlier != Cover::kAll; ++g)
+      earlier = cover_union(earlier, p_->term_cover(p_->gathered[size_t(g)], a, i, j0, j1));
+    return earlier == Cover::kAll ? Cover::kNone : earlier == Cover::kNone ? Cover::kAll : Cover::kSome;
+  }
+
+  const SparseProblem<S>* p_;
+  Index term_;
+  IndexMap qmap_, kmap_;
+};
+
+/// Rows of queries per block of the gathered path: bounds the partial outputs to parts x kSparseRows x d_v scalars.
+constexpr Index kSparseRows = 4096;
+
+/// A view of rows map(0), map(1), ... (count of them) of x, without copying.
+template <class S>
+StridedView<S> gather_rows(const StridedView<S>& x, const IndexMap& map, Index count) {
+  StridedView<S> g = x;
+  g.rows = count;
+  if (count == 0) return g;
+  g.data = x.row(map.first);
+  if (map.group == 1) {
+    g.row_stride = x.row_stride * map.stride;
+  } else {
+    g.group_rows = map.group;
+    g.group_stride = x.row_stride * map.stride;
+  }
+  return g;
+}
+
+template <class S>
+void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
+                 const SparsePattern& pattern, const AttentionOptions& options, const AttentionOutput<S>& out) {
+  using Call = AttentionCall<S, SparseMask<S>>;
+  const Index n = q.rows, m = k.rows, dv = v.cols;
+  SparseProblem<S> p(where, pattern, n, m, options);
+  const S scale = resolve_scale<S>(options, q.cols);
+
+  AttentionOptions o = options;
+  for (const auto& t : p.direct)  // block patterns: tiles aligned with the layout's blocks
+    if (t.kind == SparsePattern::Kind::kBlocks) {
+      if (o.query_tile == 0) o.query_tile = t.rate * std::max<Index>(1, 96 / t.rate);
+      if (o.key_tile == 0) o.key_tile = t.rate * std::max<Index>(1, 256 / t.rate);
+      break;
+    }
+
+  Vector<S> row_scales;
+  if (o.log_n_scale) {
+    row_scales.resize(n);
+    const double log512 = std::log(512.0);
+    for (Index i = 0; i < n; ++i) {
+      const Index c = p.allowed_count(i);
+      row_scales[i] = c > 0 ? static_cast<S>(scale * std::log(double(c)) / log512) : scale;
+    }
+    p.row_scales = row_scales.data();
+  }
+
+  const IndexMap identity;
+  if (p.gathered.empty()) {
+    run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, identity, identity), scale, out}}, o);
+    return;
+  }
+
+  const Index parts = (p.direct.empty() ? 0 : 1) + Index(p.gathered.size());
+  const Index block = std::min(n, kSparseRows);
+  Vector<S> partial(parts * block * dv), lse(parts * block);
+  for (Index i0 = 0; i0 < n; i0 += block) {
+    const Index rows = std::min(block, n - i0);
+    partial.setZero();
+    lse.setConstant(-std::numeric_limits<S>::infinity());
+    const IndexMap these_rows{i0, 1, 1};
+    const StridedView<S> qb = gather_rows(q, these_rows, rows);
+    Index part = 0;
+    if (!p.direct.empty()) {
+      const AttentionOutput<S> dst{partial.data(), dv, lse.data()};
+      run_attention<S, SparseMask<S>>({Call{qb, k, v, SparseMask<S>(&p, -1, these_rows, identity), scale, dst}}, o);
+      ++part;
+    }
+    for (Index g = 0; g < Index(p.gathered.size()); ++g, ++part) {
+      const SparsePattern::Term& t = p.gathered[size_t(g)];
+      S* part_out = partial.data() + part * rows * dv;  // merge_key_ranges' layout: part p, row r at p * rows + r
+      S* part_lse = lse.data() + part * rows;
+      std::vector<Call> calls;
+      if (t.kind == SparsePattern::Kind::kColumns) {
+        const IndexMap keys{t.rate - t.count, t.count, t.rate};
+        const Index count = keys.count_below(m);
+        calls.push_back(Call{qb, gather_rows(k, keys, count), gather_rows(v, keys, count),
+                             SparseMask<S>(&p, g, these_rows, keys), scale,
+                             AttentionOutput<S>{part_out, dv, part_lse}});
+      } else {  // residue class c: keys c, c + k, ..., and the queries at positions a = c (mod k)
+        const Index rate = t.rate, offset = alignment_offset(o, n, m);
+        for (Index c = 0; c < std::min(rate, m); ++c) {
+          const IndexMap queries{i0 + floor_mod(c - offset - i0, rate), 1, rate}, keys{c, 1, rate};
+          const Index query_count = queries.count_below(i0 + rows), key_count = keys.count_below(m);
+          if (query_count == 0) continue;
+          const Index first = queries.first - i0;
+          calls.push_back(Call{gather_rows(q, queries, query_count), gather_rows(k, keys, key_count),
+                               gather_rows(v, keys, key_count), SparseMask<S>(&p, g, queries, keys), scale,
+                               AttentionOutput<S>{part_out + first * dv, rate * dv, part_lse + first, 0, 0, rate}});
+        }
+      }
+      run_attention(calls, o);
+    }
+    merge_key_ranges(partial.data(), lse.data(), parts, rows, dv,
+                     AttentionOutput<S>{out.row(i0), out.stride, out.lse ? out.lse + i0 * out.lse_stride : nullptr, 0,
+                                        0, out.lse_stride});
+  }
+}
+
+}  // namespace detail
+
+/// \brief Sparse attention (SPEC section 2): softmax over each query's key set A_i only, equal to dense attention
+/// with every pair outside A_i masked.
+///
+/// \param q n x d_k, \param k m x d_k, \param v m x d_v: any Eigen expression (read in place when possible).
+/// \param pattern the key sets; \param options scale, causal (intersects every set with j <= a), window, key
+/// padding, ALiBi, softcap, log-n scaling (n_i = |A_i| after the options), threads, tiles.
+/// \return n x d_v; a row with no allowed key is zero. Keys no row of a tile may see are never read.
+///
+/// Cost O(sum_i |A_i| d) time; workspace O(tile) per thread, plus partial outputs of at most 4096 rows x d_v per
+/// gathered term when the pattern has atrous or summary-column terms. Never an n x m matrix. The result is the same
+/// for any thread count.
+/// \throws attnkit::Error on mismatched shapes, invalid options, an empty pattern or a block layout of the wrong shape.
+template <class DQ, class DK, class DV>
+void sparse_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+                      Eigen::Ref<Matrix<typename DQ::Scalar>> out, const SparsePattern& pattern,
+                      const AttentionOptions& options = {}) {
+  constexpr const char* kWhere = "sparse_attention";
+  detail::check_sdpa_call(kWhere, q, k, v, options);
+  detail::check_out_shape(kWhere, out.rows(), out.cols(), q.rows(), v.cols());
+  const detail::ViewOf<DQ> qv(q);
+  const detail::ViewOf<DK> kv(k);
+  const detail::ViewOf<DV> vv(v);
+  detail::sparse_into(kWhere, qv.view(), kv.view(), vv.view(), pattern, options,
+                      {out.data(), out.outerStride(), nullptr});
+}
+
+/// \brief As above, returning the n x d_v output.
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                             const Eigen::MatrixBase<DV>& v, const SparsePattern& pattern,
+                                             const AttentionOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  sparse_attention(q, k, v, out, pattern, options);
+  return out;
+}
+
+namespace reference {
+
+/// \brief Dense attention with the pattern's n x m boolean mask: the materialising oracle of sparse_attention.
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                             const Eigen::MatrixBase<DV>& v, const SparsePattern& pattern,
+                                             const AttentionOptions& options = {}) {
+  return reference::scaled_dot_product_attention(q, k, v, options, pattern.mask(q.rows(), k.rows(), options));
+}
+
+}  // namespace reference
+}  // namespace attnkit

@@ -1,0 +1,345 @@
+// Sparse attention: the index sets against SPEC section 2 written out independently here, and the kernel against the
+// double-precision loop oracle with the equivalent boolean mask, and against the fused dense kernel with that mask.
+#include <attnkit/sparse.hpp>
+
+#include <functional>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace attnkit {
+namespace {
+
+using testing::all_close;
+using testing::attention_tolerance;
+using testing::MatD;
+using testing::naive_attention;
+using testing::random_matrix;
+
+Index fdiv(Index a, Index b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+Index fmod_(Index a, Index b) { return a - fdiv(a, b) * b; }
+
+/// SPEC section 2, one predicate per pattern, on query position a and key j (non-causal sets; callers add causal).
+using Spec = std::function<bool(Index i, Index a, Index j)>;
+
+Spec spec_local(Index w) {
+  return [w](Index, Index a, Index j) { return std::abs(a - j) <= w; };
+}
+Spec spec_atrous(Index k, Index window = -1) {
+  return [=](Index, Index a, Index j) { return fmod_(a - j, k) == 0 && (window < 0 || std::abs(a - j) <= window); };
+}
+Spec spec_local_atrous(Index k) {
+  return [k](Index, Index a, Index j) { return std::abs(a - j) <= k || fmod_(a - j, k) == 0; };
+}
+Spec spec_strided(Index l) {
+  return [l](Index, Index a, Index j) {
+    return (std::max<Index>(0, a - l) <= j && j <= a) || (j <= a && fmod_(a - j, l) == 0);
+  };
+}
+Spec spec_fixed(Index l, Index c) {
+  return [=](Index, Index a, Index j) { return fdiv(j, l) == fdiv(a, l) || j % l >= l - c; };
+}
+Spec spec_block(const BoolMatrix& layout, Index b) {
+  return [layout, b](Index i, Index, Index j) { return layout(i / b, j / b); };
+}
+Spec spec_union(Spec x, Spec y) {
+  return [x, y](Index i, Index a, Index j) { return x(i, a, j) || y(i, a, j); };
+}
+
+/// The boolean mask of a spec with the options' causal / window / padding applied, for the oracle.
+BoolMatrix spec_mask(const Spec& spec, Index n, Index m, const AttentionOptions& o) {
+  const Index shift = o.align == CausalAlign::kBottomRight ? m - n : 0;
+  BoolMatrix b(n, m);
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < m; ++j) {
+      const Index a = i + shift;
+      bool ok = spec(i, a, j);
+      if (o.causal && j > a) ok = false;
+      if (o.window_left >= 0 && j < a - o.window_left) ok = false;
+      if (o.window_right >= 0 && j > a + o.window_right) ok = false;
+      if (o.key_length >= 0 && j >= o.key_length) ok = false;
+      b(i, j) = ok;
+    }
+  return b;
+}
+
+BoolMatrix random_layout(Index rows, Index cols, unsigned seed, double density) {
+  std::mt19937 gen(seed);
+  std::bernoulli_distribution on(density);
+  BoolMatrix b(rows, cols);
+  for (Index i = 0; i < b.size(); ++i) b.data()[i] = on(gen);
+  return b;
+}
+
+struct Case {
+  std::string name;
+  SparsePattern pattern;
+  Spec spec;
+};
+
+/// Every named pattern, with parameters scaled to n, plus unions (direct + gathered, two gathered, blocks + local).
+std::vector<Case> cases(Index n, Index m) {
+  const Index l = std::max<Index>(2, Index(std::sqrt(double(std::max(n, m)))));
+  const Index b = 4;
+  const BoolMatrix layout = random_layout((n + b - 1) / b, (m + b - 1) / b, unsigned(n * 31 + m), 0.3);
+  return {
+      {"local3", SparsePattern::local(3), spec_local(3)},
+      {"local0", SparsePattern::local(0), spec_local(0)},
+      {"atrous3", SparsePattern::atrous(3), spec_atrous(3)},
+      {"atrous2_window9", SparsePattern::atrous(2, 9), spec_atrous(2, 9)},
+      {"atrous1", SparsePattern::atrous(1), spec_atrous(1)},
+      {"local_atrous" + std::to_string(l), SparsePattern::local_atrous(l), spec_local_atrous(l)},
+      {"strided" + std::to_string(l), SparsePattern::strided(l), spec_strided(l)},
+      {"fixed" + std::to_string(l) + "_2", SparsePattern::fixed(l, 2), spec_fixed(l, 2)},
+      {"fixed5_5", SparsePattern::fixed(5, 5), spec_fixed(5, 5)},
+      {"fixed4_0", SparsePattern::fixed(4, 0), spec_fixed(4, 0)},
+      {"block4", SparsePattern::block(layout, b), spec_block(layout, b)},
+      {"block4_or_local2", SparsePattern::block(layout, b) | SparsePattern::local(2),
+       spec_union(spec_block(layout, b), spec_local(2))},
+      {"atrous3_or_atrous2", SparsePattern::atrous(3) | SparsePattern::atrous(2),
+       spec_union(spec_atrous(3), spec_atrous(2))},
+      {"fixed4_1_or_atrous5", SparsePattern::fixed(4, 1) | SparsePattern::atrous(5),
+       spec_union(spec_fixed(4, 1), spec_atrous(5))},
+  };
+}
+
+TEST(SparsePatternTest, IndexSetsMatchSpec) {
+  for (const Index n : {1, 2, 7, 16, 65}) {
+    for (const Index m : {n, n + 5, std::max<Index>(1, n / 2)}) {
+      for (const bool causal : {false, true}) {
+        for (const CausalAlign align : {CausalAlign::kBottomRight, CausalAlign::kTopLeft}) {
+          AttentionOptions o;
+          o.causal = causal, o.align = align;
+          for (const Case& c : cases(n, m)) {
+            SCOPED_TRACE(c.name + " n=" + std::to_string(n) + " m=" + std::to_string(m) + (causal ? " causal" : "") +
+                         (align == CausalAlign::kTopLeft ? " top-left" : ""));
+            const BoolMatrix expected = spec_mask(c.spec, n, m, o);
+            for (Index i = 0; i < n; ++i) {
+              std::vector<Index> want;
+              for (Index j = 0; j < m; ++j)
+                if (expected(i, j)) want.push_back(j);
+              ASSERT_EQ(c.pattern.keys(i, n, m, o), want) << "row " << i;
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(SparsePatternTest, BordersOfTheNamedSets) {
+  // Row 0 and the last row, written out by hand from SPEC for n = m = 10.
+  using V = std::vector<Index>;
+  EXPECT_EQ(SparsePattern::local(2).keys(0, 10, 10), (V{0, 1, 2}));
+  EXPECT_EQ(SparsePattern::local(2).keys(9, 10, 10), (V{7, 8, 9}));
+  AttentionOptions causal;
+  causal.causal = true;
+  EXPECT_EQ(SparsePattern::local(2).keys(5, 10, 10, causal), (V{3, 4, 5}));
+  EXPECT_EQ(SparsePattern::atrous(3).keys(4, 10, 10), (V{1, 4, 7}));
+  EXPECT_EQ(SparsePattern::atrous(3, 3).keys(4, 10, 10), (V{1, 4, 7}));
+  EXPECT_EQ(SparsePattern::atrous(3, 2).keys(4, 10, 10), (V{4}));
+  EXPECT_EQ(SparsePattern::local_atrous(3).keys(8, 10, 10), (V{2, 5, 6, 7, 8, 9}));
+  EXPECT_EQ(SparsePattern::strided(3).keys(8, 10, 10), (V{2, 5, 6, 7, 8}));
+  EXPECT_EQ(SparsePattern::strided(3).keys(1, 10, 10), (V{0, 1}));
+  EXPECT_EQ(SparsePattern::fixed(4, 1).keys(5, 10, 10), (V{3, 4, 5, 6, 7}));
+  EXPECT_EQ(SparsePattern::fixed(4, 1).keys(5, 10, 10, causal), (V{3, 4, 5}));
+  EXPECT_EQ(SparsePattern::fixed(4, 2).keys(9, 10, 10), (V{2, 3, 6, 7, 8, 9}));
+  BoolMatrix layout(3, 3);
+  layout << true, false, false, false, false, true, true, true, false;
+  EXPECT_EQ(SparsePattern::block(layout, 4).keys(5, 10, 10), (V{8, 9}));
+  EXPECT_EQ(SparsePattern::block(layout, 4).keys(9, 10, 10), (V{0, 1, 2, 3, 4, 5, 6, 7}));
+  EXPECT_EQ(SparsePattern::block(layout, 4).keys(4, 10, 10), (V{8, 9}));
+  EXPECT_EQ(SparsePattern::block(layout, 4).keys(3, 10, 10), (V{0, 1, 2, 3}));
+}
+
+template <class S>
+class SparseTest : public ::testing::Test {};
+using Scalars = ::testing::Types<float, double>;
+TYPED_TEST_SUITE(SparseTest, Scalars, testing::ScalarName);
+
+/// sparse_attention == the double loop oracle with the spec's mask, and == the fused dense kernel with that mask.
+template <class S>
+void expect_matches(const Case& c, Index n, Index m, Index d, Index dv, const AttentionOptions& o, unsigned seed) {
+  SCOPED_TRACE(c.name + " n=" + std::to_string(n) + " m=" + std::to_string(m) + " d=" + std::to_string(d) +
+               (o.causal ? " causal" : ""));
+  const Matrix<S> q = random_matrix<S>(n, d, seed), k = random_matrix<S>(m, d, seed + 1),
+                  v = random_matrix<S>(m, dv, seed + 2);
+  const BoolMatrix mask = spec_mask(c.spec, n, m, o);
+  testing::NaiveExtras extras;
+  extras.mask = &mask;
+  const MatD expected =
+      naive_attention(q.template cast<double>(), k.template cast<double>(), v.template cast<double>(), o, extras).out;
+  const Matrix<S> out = sparse_attention(q, k, v, c.pattern, o);
+  const double tol = attention_tolerance<S>(m) * (1 + v.cwiseAbs().maxCoeff());
+  EXPECT_TRUE(all_close(out, expected, tol));
+  const Matrix<S> dense = scaled_dot_product_attention(q, k, v, o, mask);
+  EXPECT_TRUE(all_close(out, dense.template cast<double>(), tol));
+}
+
+TYPED_TEST(SparseTest, EveryPatternEqualsMaskedDenseOnOddSizes) {
+  using S = TypeParam;
+  unsigned seed = 1;
+  for (const Index n : {1, 7, 65, 257}) {
+    for (const bool causal : {false, true}) {
+      AttentionOptions o;
+      o.causal = causal;
+      for (const Case& c : cases(n, n)) expect_matches<S>(c, n, n, 13, 9, o, seed += 3);
+    }
+  }
+}
+
+TYPED_TEST(SparseTest, LongerSequenceCrossesEveryTileAndBlockOfRows) {
+  using S = TypeParam;
+  // n = 1000 spans several query and key tiles; 4500 rows cross a 4096-row block of the gathered path.
+  unsigned seed = 100;
+  for (const Case& c : cases(1000, 1000)) expect_matches<S>(c, 1000, 1000, 16, 16, {}, seed += 3);
+  const Index n = 4500;
+  const Matrix<S> q = random_matrix<S>(n, 8, 5), k = random_matrix<S>(n, 8, 6), v = random_matrix<S>(n, 8, 7);
+  AttentionOptions o;
+  o.causal = true;
+  for (const SparsePattern& p : {SparsePattern::local_atrous(67), SparsePattern::fixed(64, 3)}) {
+    const Matrix<S> out = sparse_attention(q, k, v, p, o);
+    const Matrix<S> dense = scaled_dot_product_attention(q, k, v, o, p.mask(n, n, o));
+    EXPECT_TRUE(all_close(out, dense.template cast<double>(), attention_tolerance<S>(n) * 8));
+  }
+}
+
+TYPED_TEST(SparseTest, CrossAttentionBothAlignments) {
+  using S = TypeParam;
+  unsigned seed = 200;
+  for (const auto& [n, m] : {std::pair<Index, Index>{7, 65}, {65, 7}, {31, 100}, {100, 31}}) {
+    for (const CausalAlign align : {CausalAlign::kBottomRight, CausalAlign::kTopLeft}) {
+      for (const bool causal : {false, true}) {
+        AttentionOptions o;
+        o.causal = causal, o.align = align;
+        for (const Case& c : cases(n, m)) expect_matches<S>(c, n, m, 5, 11, o, seed += 3);
+      }
+    }
+  }
+}
+
+TYPED_TEST(SparseTest, CombinesWithEveryOption) {
+  using S = TypeParam;
+  unsigned seed = 300;
+  std::vector<AttentionOptions> all;
+  AttentionOptions o;
+  o.key_length = 50, all.push_back(o);
+  o = {}, o.alibi_slope = 0.25, o.causal = true, all.push_back(o);
+  o = {}, o.softcap = 2.0, o.scale = 0.7, all.push_back(o);
+  o = {}, o.log_n_scale = true, all.push_back(o);
+  o = {}, o.log_n_scale = true, o.causal = true, o.key_length = 60, all.push_back(o);
+  o = {}, o.window_left = 10, o.window_right = 3, all.push_back(o);
+  o = {}, o.query_tile = 7, o.key_tile = 5, o.causal = true, all.push_back(o);
+  for (const AttentionOptions& opt : all)
+    for (const Case& c : cases(67, 67)) expect_matches<S>(c, 67, 67, 6, 5, opt, seed += 3);
+}
+
+TYPED_TEST(SparseTest, SameResultForAnyThreadCount) {
+  using S = TypeParam;
+  const Index n = 700;
+  const Matrix<S> q = random_matrix<S>(n, 16, 1), k = random_matrix<S>(n, 16, 2), v = random_matrix<S>(n, 16, 3);
+  for (const Case& c : cases(n, n)) {
+    AttentionOptions one, two;
+    one.threads = 1, two.threads = 2;
+    const Matrix<S> a = sparse_attention(q, k, v, c.pattern, one), b = sparse_attention(q, k, v, c.pattern, two);
+    EXPECT_TRUE(a == b) << c.name;
+  }
+}
+
+TYPED_TEST(SparseTest, DecodingOneQueryOverManyKeys) {
+  using S = TypeParam;
+  // One query against 5000 keys goes split-K inside each sub-call.
+  for (const Case& c : cases(1, 5000)) expect_matches<S>(c, 1, 5000, 8, 8, {}, 400);
+}
+
+TYPED_TEST(SparseTest, KeysOutsideThePatternAreNeverReachedEvenIfNaN) {
+  using S = TypeParam;
+  const Index n = 97;
+  Matrix<S> q = random_matrix<S>(n, 8, 1), k = random_matrix<S>(n, 8, 2), v = random_matrix<S>(n, 8, 3);
+  AttentionOptions o;
+  o.causal = true;
+  // Poison every key that row 96 may not see under local(4); other rows see them, so this checks masking, not reads.
+  const SparsePattern p = SparsePattern::local_atrous(4);
+  const Matrix<S> clean = sparse_attention(q, k, v, p, o);
+  Matrix<S> kp = k, vp = v;
+  kp.row(91).setConstant(std::numeric_limits<S>::quiet_NaN());
+  vp.row(91).setConstant(std::numeric_limits<S>::infinity());
+  const Matrix<S> poisoned = sparse_attention(q, kp, vp, p, o);
+  EXPECT_TRUE(poisoned.row(96) == clean.row(96));
+  EXPECT_TRUE(poisoned.row(90).array().isFinite().all());
+  // Padding keys are never read at all.
+  o.key_length = 80;
+  Matrix<S> kpad = k, vpad = v;
+  kpad.bottomRows(n - 80).setConstant(std::numeric_limits<S>::quiet_NaN());
+  vpad.bottomRows(n - 80).setConstant(std::numeric_limits<S>::quiet_NaN());
+  EXPECT_TRUE(sparse_attention(q, kpad, vpad, p, o).array().isFinite().all());
+}
+
+TYPED_TEST(SparseTest, RowsWithNoAllowedKeyAreZero) {
+  using S = TypeParam;
+  BoolMatrix layout(2, 2);
+  layout << false, true, false, false;  // rows 4..7 attend nothing
+  const Matrix<S> q = random_matrix<S>(8, 4, 1), k = random_matrix<S>(8, 4, 2), v = random_matrix<S>(8, 4, 3);
+  const Matrix<S> out = sparse_attention(q, k, v, SparsePattern::block(layout, 4));
+  EXPECT_TRUE(out.bottomRows(4).isZero(0));
+  EXPECT_FALSE(out.topRows(4).isZero(0));
+  // atrous(10) over 3 keys: query rows whose residue has no key get zeros.
+  AttentionOptions top;
+  top.align = CausalAlign::kTopLeft;
+  const Matrix<S> out2 = sparse_attention(q, k.topRows(3), v.topRows(3), SparsePattern::atrous(10), top);
+  EXPECT_TRUE(out2.bottomRows(5).isZero(0));
+}
+
+TYPED_TEST(SparseTest, WritesIntoCallersBufferAndReadsMaps) {
+  using S = TypeParam;
+  const Index n = 33;
+  std::vector<S> qbuf(n * 6), kbuf(n * 6), vbuf(n * 4);
+  std::mt19937 gen(3);
+  std::normal_distribution<double> dist;
+  for (auto* b : {&qbuf, &kbuf, &vbuf})
+    for (S& x : *b) x = S(dist(gen));
+  // Column-major maps: the kernel reads them in place through strided views.
+  using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Eigen::Map<const ColMajor> q(qbuf.data(), n, 6), k(kbuf.data(), n, 6), v(vbuf.data(), n, 4);
+  Matrix<S> out(n, 4);
+  const SparsePattern p = SparsePattern::fixed(5, 2);
+  sparse_attention(q, k, v, out, p);
+  const Matrix<S> expected = reference::sparse_attention(Matrix<S>(q), Matrix<S>(k), Matrix<S>(v), p);
+  EXPECT_TRUE(all_close(out, expected.template cast<double>(), attention_tolerance<S>(n) * 4));
+}
+
+TEST(SparseErrorsTest, BadPatternsAndShapesName) {
+  const auto expect_error = [](const std::function<void()>& f, const std::vector<std::string>& words) {
+    try {
+      f();
+      ADD_FAILURE() << "no attnkit::Error";
+    } catch (const Error& e) {
+      for (const std::string& w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
+    }
+  };
+  expect_error([] { SparsePattern::local(-1); }, {"local", "w", "-1"});
+  expect_error([] { SparsePattern::atrous(0); }, {"atrous", "k", "0"});
+  expect_error([] { SparsePattern::atrous(2, -2); }, {"atrous", "window"});
+  expect_error([] { SparsePattern::local_atrous(0); }, {"local_atrous"});
+  expect_error([] { SparsePattern::strided(0); }, {"strided", "l"});
+  expect_error([] { SparsePattern::fixed(0, 0); }, {"fixed", "l"});
+  expect_error([] { SparsePattern::fixed(4, 5); }, {"fixed", "c", "5"});
+  expect_error([] { SparsePattern::fixed(4, -1); }, {"fixed", "c"});
+  expect_error([] { SparsePattern::block(BoolMatrix::Ones(2, 2), 0); }, {"block_size", "0"});
+  const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);
+  expect_error([&] { sparse_attention(q, k, v, SparsePattern::block(BoolMatrix::Ones(2, 2), 4)); },
+               {"block layout", "2x2", "3x3"});
+  expect_error([&] { sparse_attention(q, k, v, SparsePattern()); }, {"empty"});
+  expect_error([&] { sparse_attention(q, k.leftCols(3), v, SparsePattern::local(1)); }, {"k", "10x4", "12x3"});
+  expect_error([&] { sparse_attention(q, k, v.topRows(5), SparsePattern::local(1)); }, {"v", "5x3"});
+  Matrix<float> out(10, 2);
+  expect_error([&] { sparse_attention(q, k, v, out, SparsePattern::local(1)); }, {"out", "10x2", "10x3"});
+  AttentionOptions bad;
+  bad.softcap = -1;
+  expect_error([&] { sparse_attention(q, k, v, SparsePattern::local(1), bad); }, {"softcap"});
+}
+
+}  // namespace
+}  // namespace attnkit

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "mask.hpp"
 #include "types.hpp"
 #include "view.hpp"
 
@@ -103,20 +104,39 @@ struct RhsPanels {
   Index row_stride;
 };
 
+/// Where the non-zero work of each strip of kRows rows lies in a tile product (banded and diagonal tiles): strip s
+/// needs only columns [cols[s].begin, cols[s].end) of C, and only depth [depth[s].begin, depth[s].end) of A (the rest
+/// of its A row is zero). Either pointer may be null (no limit). Columns outside the limit are left unwritten.
+struct StripLimits {
+  const KeyRange* cols = nullptr;
+  const KeyRange* depth = nullptr;
+};
+
 /// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], cols a multiple of kPacket. A last block of fewer
 /// than kRows rows gets a smaller kernel, so short tiles (a decoding query) do no padded work.
 template <class S, bool kSkipZeros>
 void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Index depth, Index cols, S* c, Index ldc,
-                  const S* beta) {
+                  const S* beta, StripLimits limits = {}) {
   using K = KernelShape<S>;
   const S* panel = b.data;
   for (Index col = 0; col < cols; col += K::kCols, panel += b.panel_stride) {
     const Index width = std::min<Index>(K::kCols, cols - col);
     const int packets = static_cast<int>(width / K::kPacket);
     const Index ldb = b.row_stride > 0 ? b.row_stride : width;
-    for (Index r = 0; r < rows; r += K::kRows)
-      micro_kernel_block<S, kSkipZeros>(static_cast<int>(std::min<Index>(K::kRows, rows - r)), packets, a + r * lda,
-                                        lda, panel, ldb, depth, c + r * ldc + col, ldc, beta ? beta + r : nullptr);
+    for (Index r = 0, s = 0; r < rows; r += K::kRows, ++s) {
+      Index p0 = 0, p1 = packets;  // packets of this panel the strip needs
+      if (limits.cols) {
+        p0 = std::clamp<Index>(limits.cols[s].begin - col, 0, width) / K::kPacket;
+        p1 = (std::clamp<Index>(limits.cols[s].end - col, 0, width) + K::kPacket - 1) / K::kPacket;
+        if (p1 <= p0) continue;
+      }
+      Index k0 = 0, k1 = depth;
+      if (limits.depth)
+        k0 = std::min(limits.depth[s].begin, depth), k1 = std::max(k0, std::min(limits.depth[s].end, depth));
+      micro_kernel_block<S, kSkipZeros>(static_cast<int>(std::min<Index>(K::kRows, rows - r)), int(p1 - p0),
+                                        a + r * lda + k0, lda, panel + k0 * ldb + p0 * K::kPacket, ldb, k1 - k0,
+                                        c + r * ldc + col + p0 * K::kPacket, ldc, beta ? beta + r : nullptr);
+    }
   }
 }
 

@@ -60,15 +60,22 @@ void parallel_for(Index count, int threads, const MakeState& make_state, const B
 /// Runs body(item, inner_threads) for every item: in parallel across items, one thread each, when there are at least
 /// as many items as threads; otherwise one item after another, each with every thread. Items whose results do not
 /// depend on inner_threads (every attnkit kernel) give the same output either way.
-template <class Body>
-void for_each_item(Index count, int threads, const Body& body) {
+/// With make_state, body(item, inner_threads, state) also gets per-worker scratch made by make_state().
+template <class MakeState, class Body>
+void for_each_item(Index count, int threads, const MakeState& make_state, const Body& body) {
   threads = resolve_threads(threads);
   if (count >= threads && threads > 1) {
-    parallel_for(
-        count, threads, [] { return 0; }, [&](Index i, int&) { body(i, 1); });
-  } else {
-    for (Index i = 0; i < count; ++i) body(i, threads);
+    parallel_for(count, threads, make_state, [&](Index i, auto& state) { body(i, 1, state); });
+  } else if (count > 0) {
+    auto state = make_state();
+    for (Index i = 0; i < count; ++i) body(i, threads, state);
   }
+}
+
+template <class Body>
+void for_each_item(Index count, int threads, const Body& body) {
+  for_each_item(
+      count, threads, [] { return 0; }, [&](Index i, int inner, int&) { body(i, inner); });
 }
 
 }  // namespace attnkit::detail

@@ -40,7 +40,7 @@ template <class S>
 struct AttentionWorkspace {
   using Buffer = Eigen::Matrix<S, Eigen::Dynamic, 1>;
   Buffer queries, keys, values, scores, acc, alpha;
-  std::vector<KeyRange> ranges, spans;
+  std::vector<KeyRange> ranges, spans, strips;
   std::vector<SoftmaxState<S>> stats;
 
   // Scalars of each buffer, in member order: queries, keys, values, scores, acc, alpha.
@@ -57,13 +57,17 @@ struct AttentionWorkspace {
     for (size_t b = 0; b < need.size(); ++b)
       if (buffers[b]->size() < need[b]) buffers[b]->resize(need[b]);
     if (Index(ranges.size()) < plan.rows) ranges.resize(size_t(plan.rows)), stats.resize(size_t(plan.rows));
+    const Index strip_count = (plan.rows + KernelShape<S>::kRows - 1) / KernelShape<S>::kRows;
+    if (Index(strips.size()) < strip_count) strips.resize(size_t(strip_count));
     return *this;
   }
 
   static Index bytes(const TilePlan& plan, Index d, Index dv) {
     Index scalars = 0;
     for (Index size : sizes(plan, d, dv)) scalars += size;
-    return scalars * Index(sizeof(S)) + plan.rows * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>));
+    const Index strips = (plan.rows + KernelShape<S>::kRows - 1) / KernelShape<S>::kRows;
+    return scalars * Index(sizeof(S)) + plan.rows * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>)) +
+           strips * Index(sizeof(KeyRange));
   }
 };
 
@@ -119,37 +123,50 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
     ws.acc.head(rows * dv_pad).setZero();
 
-    if (key_begin < key_end)
-      mask.key_spans(i0, rows, KeyRange{key_begin, key_end}, ws.spans);
-    else
-      ws.spans.clear();
-    for (const KeyRange span : ws.spans)
-      for (Index j0 = span.begin; j0 < span.end; j0 += plan.cols) {
-        const Index cols = std::min(plan.cols, span.end - j0), cols_pad = round_up(cols, K::kPacket);
-        const TileKind kind = mask.classify(i0, ws.ranges.data(), rows, j0, cols);
-        if (kind == TileKind::kEmpty) continue;
-        pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-        tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
-                               ws.scores.data(), cols_pad, nullptr);
-        for (Index r = 0; r < rows; ++r) {
-          S* row = ws.scores.data() + r * cols_pad;
-          if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
-          if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
-          ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+    // One key tile [j0, j0 + cols): S = Q K^T, modifiers and mask, online softmax, acc = alpha .* acc + P V.
+    const auto run_key_tile = [&](Index j0, Index cols) {
+      const Index cols_pad = round_up(cols, K::kPacket);
+      const TileKind kind = mask.classify(i0, ws.ranges.data(), rows, j0, cols);
+      if (kind == TileKind::kEmpty) return;
+      // In a partial tile each strip of kRows rows works only on the keys its rows' ranges reach (bands, diagonals).
+      StripLimits limits;
+      if (kind == TileKind::kPartial) {
+        for (Index r0 = 0, s = 0; r0 < rows; r0 += K::kRows, ++s) {
+          KeyRange u{cols, 0};
+          for (Index r = r0; r < std::min(rows, r0 + K::kRows); ++r) {
+            const KeyRange g = intersect(ws.ranges[r], {j0, j0 + cols});
+            if (!g.empty()) u = {std::min(u.begin, g.begin - j0), std::max(u.end, g.end - j0)};
+          }
+          ws.strips[size_t(s)] = u;
         }
-        // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
-        RhsPanels<S> values{v.row(j0), K::kCols, v.row_stride};
-        if (!values_in_place) {
-          pack_rows(v, j0, cols, dv_pad, ws.values.data());
-          values = {ws.values.data(), cols * K::kCols, 0};
-        }
-        if (kind == TileKind::kPartial)
-          tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                                ws.alpha.data());
-        else
-          tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                                 ws.alpha.data());
+        limits = {ws.strips.data(), ws.strips.data()};
       }
+      pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
+      tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
+                             ws.scores.data(), cols_pad, nullptr, {limits.cols, nullptr});
+      for (Index r = 0; r < rows; ++r) {
+        S* row = ws.scores.data() + r * cols_pad;
+        if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
+        if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
+        ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+      }
+      // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
+      RhsPanels<S> values{v.row(j0), K::kCols, v.row_stride};
+      if (!values_in_place) {
+        pack_rows(v, j0, cols, dv_pad, ws.values.data());
+        values = {ws.values.data(), cols * K::kCols, 0};
+      }
+      if (kind == TileKind::kPartial)
+        tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                              ws.alpha.data(), {nullptr, limits.depth});
+      else
+        tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
+                               ws.alpha.data());
+    };
+    ws.spans.clear();
+    if (key_begin < key_end) mask.key_spans(i0, rows, KeyRange{key_begin, key_end}, ws.spans);
+    for (const KeyRange span : ws.spans)
+      for (Index j0 = span.begin; j0 < span.end; j0 += plan.cols) run_key_tile(j0, std::min(plan.cols, span.end - j0));
 
     for (Index r = 0; r < rows; ++r) {
       const S inv = ws.stats[r].inverse_sum();

@@ -1,0 +1,97 @@
+// Sparse attention: each pattern vs the dense fused kernel, single head, d = 64, float, one thread. FLOPs = 4 d per
+// allowed (query, key) pair, counted exactly, so GFLOP/s compare the kernels' efficiency on the work they must do;
+// time ratios to BM_Dense at the same n are the speed-ups (bench/plot.py tabulates both).
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+
+namespace attnkit::bench {
+namespace {
+
+constexpr Index kD = 64;
+constexpr Index kBlock = 64;
+
+/// A BigBird-like layout: a band of three blocks, a global first key block every query sees, and a global first
+/// query block that sees every key. Allowed pairs grow like n.
+BoolMatrix band_and_global_layout(Index n) {
+  const Index blocks = (n + kBlock - 1) / kBlock;
+  BoolMatrix layout = BoolMatrix::Constant(blocks, blocks, false);
+  for (Index b = 0; b < blocks; ++b)
+    for (Index c = std::max<Index>(0, b - 1); c <= std::min(blocks - 1, b + 1); ++c) layout(b, c) = true;
+  layout.col(0).setConstant(true);
+  layout.row(0).setConstant(true);
+  return layout;
+}
+
+enum PatternId { kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse };
+const char* const kPatternNames[] = {"local(128)", "atrous(128)", "local_atrous(128)",
+                                     "strided(128)", "fixed(128,16)", "block(64,band+global)"};
+
+SparsePattern make_pattern(int id, Index n) {
+  switch (id) {
+    case kLocal: return SparsePattern::local(128);
+    case kAtrous: return SparsePattern::atrous(128);
+    case kLocalAtrous: return SparsePattern::local_atrous(128);
+    case kStrided: return SparsePattern::strided(128);
+    case kFixed: return SparsePattern::fixed(128, 16);
+    default: return SparsePattern::block(band_and_global_layout(n), kBlock);
+  }
+}
+
+/// sum_i |A_i|, counted exactly in O(sum_i |A_i|) by the same rule log-n scaling uses.
+double allowed_pairs(const SparsePattern& p, Index n) {
+  const detail::SparseProblem<float> problem("bench", p, n, n, {});
+  double pairs = 0;
+  for (Index i = 0; i < n; ++i) pairs += double(problem.allowed_count(i));
+  return pairs;
+}
+
+void BM_Sparse(benchmark::State& state) {
+  const Index n = state.range(1);
+  const SparsePattern p = make_pattern(int(state.range(0)), n);
+  const Matrix<float> q = random_matrix<float>(n, kD, 1), k = random_matrix<float>(n, kD, 2),
+                      v = random_matrix<float>(n, kD, 3);
+  Matrix<float> out(n, kD);
+  AttentionOptions o;
+  o.threads = int(state.range(2));
+  const int64_t heap = measure_peak_heap([&] { sparse_attention(q, k, v, out, p, o); });
+  for (auto _ : state) {
+    sparse_attention(q, k, v, out, p, o);
+    benchmark::ClobberMemory();
+  }
+  const double pairs = allowed_pairs(p, n);
+  report(state, attention_flops(pairs, kD, kD), o.threads, heap);
+  state.counters["keys_per_query"] = pairs / double(n);
+  state.SetLabel(kPatternNames[state.range(0)]);
+}
+
+void BM_Dense(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Matrix<float> q = random_matrix<float>(n, kD, 1), k = random_matrix<float>(n, kD, 2),
+                      v = random_matrix<float>(n, kD, 3);
+  Matrix<float> out(n, kD);
+  AttentionOptions o;
+  o.threads = int(state.range(1));
+  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(q, k, v, out, o); });
+  for (auto _ : state) {
+    scaled_dot_product_attention(q, k, v, out, o);
+    benchmark::ClobberMemory();
+  }
+  report(state, attention_flops(double(n) * double(n), kD, kD), o.threads, heap);
+  state.counters["keys_per_query"] = double(n);
+}
+
+const std::vector<int64_t> kLengths = {1024, 2048, 4096, 8192, 16384, 32768, 65536};
+
+BENCHMARK(BM_Sparse)
+    ->ArgNames({"pattern", "n", "threads"})
+    ->ArgsProduct({{kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse}, kLengths, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Dense)->ArgNames({"n", "threads"})->ArgsProduct({kLengths, {1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+
+}  // namespace
+}  // namespace attnkit::bench
+
+ATTNKIT_BENCHMARK_MAIN()

@@ -547,15 +547,22 @@ std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<
   return calls;
 }
 
-/// Folds a partial result (out_p, lse_p) over more keys into (out, lse), both normalised over their own keys.
+/// Folds a partial result (part, part_lse) over more keys into (out, lse), both normalised over their own keys: with
+/// w = exp(min - max) of the two log-sum-exps, the weights are 1 / (1 + w) and w / (1 + w). One exp, one log1p.
 template <class S>
 void merge_into(S* out, S& lse, const S* part, S part_lse, Index dv) {
-  if (part_lse == -std::numeric_limits<S>::infinity()) return;
-  const S total =
-      lse > part_lse ? lse + std::log1p(std::exp(part_lse - lse)) : part_lse + std::log1p(std::exp(lse - part_lse));
-  const S a = std::exp(lse - total), b = std::exp(part_lse - total);
+  constexpr S kNegInf = -std::numeric_limits<S>::infinity();
+  if (part_lse == kNegInf) return;
+  if (lse == kNegInf) {  // nothing yet: take the part as it is
+    std::copy(part, part + dv, out);
+    lse = part_lse;
+    return;
+  }
+  const bool part_larger = part_lse > lse;
+  const S w = std::exp(part_larger ? lse - part_lse : part_lse - lse), big = S(1) / (S(1) + w), small = w * big;
+  const S a = part_larger ? small : big, b = part_larger ? big : small;
   for (Index c = 0; c < dv; ++c) out[c] = a * out[c] + b * part[c];
-  lse = total;
+  lse = std::max(lse, part_lse) + std::log1p(w);
 }
 
 template <class S>
@@ -603,6 +610,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   }
   struct Partial {
     Vector<S> out, lse;
+    AttentionWorkspace<S> workspace;
   };
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
@@ -613,11 +621,15 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
           const Call& call = calls[size_t(c)];
           const Index rows = call.q.rows;
           if (part.out.size() < rows * dv) part.out.resize(rows * dv), part.lse.resize(rows);
+          const AttentionOutput<S> dst{part.out.data(), dv, part.lse.data()};
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;
-          run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale,
-                                                AttentionOutput<S>{part.out.data(), dv, part.lse.data()}}},
-                                          inner);
+          // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
+          // go through run_attention's split-K whatever the thread count, so results never depend on it.
+          if (threads == 1 && !use_split_keys<S>(rows, call.k.rows))
+            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &part.workspace);
+          else
+            run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
           for (Index s = 0; s < rows; ++s) {
             const Index i = call.mask.query_map()(s);
             merge_into(out.row(i), lse[i], part.out.data() + s * dv, part.lse[s], dv);

@@ -147,8 +147,18 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       for (Index r = 0; r < rows; ++r) {
         S* row = ws.scores.data() + r * cols_pad;
         if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
-        if (kind == TileKind::kPartial) mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
-        ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+        if (kind == TileKind::kFull) {
+          ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+          continue;
+        }
+        // Partial: the softmax runs over the row's own range only; the rest of its strip's keys get weight 0.
+        mask.mask_row(i0 + r, j0, row, cols, ws.ranges[r]);
+        const KeyRange strip = ws.strips[size_t(r / K::kRows)];
+        const KeyRange g = intersect(ws.ranges[r], {j0, j0 + cols});
+        const Index lo = g.empty() ? strip.begin : g.begin - j0, hi = g.empty() ? strip.begin : g.end - j0;
+        ws.alpha[r] = online_softmax_step(row + lo, hi - lo, ws.stats[r]);
+        if (strip.begin < lo) std::fill(row + strip.begin, row + lo, S(0));
+        if (hi < strip.end) std::fill(row + hi, row + strip.end, S(0));
       }
       // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
       RhsPanels<S> values{v.row(j0), K::kCols, v.row_stride};

@@ -25,17 +25,23 @@ BoolMatrix band_and_global_layout(Index n) {
 }
 
 enum PatternId { kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse };
-const char* const kPatternNames[] = {"local(128)", "atrous(128)", "local_atrous(128)",
+const char* const kPatternNames[] = {"local(128)",   "atrous(128)",   "local_atrous(128)",
                                      "strided(128)", "fixed(128,16)", "block(64,band+global)"};
 
 SparsePattern make_pattern(int id, Index n) {
   switch (id) {
-    case kLocal: return SparsePattern::local(128);
-    case kAtrous: return SparsePattern::atrous(128);
-    case kLocalAtrous: return SparsePattern::local_atrous(128);
-    case kStrided: return SparsePattern::strided(128);
-    case kFixed: return SparsePattern::fixed(128, 16);
-    default: return SparsePattern::block(band_and_global_layout(n), kBlock);
+    case kLocal:
+      return SparsePattern::local(128);
+    case kAtrous:
+      return SparsePattern::atrous(128);
+    case kLocalAtrous:
+      return SparsePattern::local_atrous(128);
+    case kStrided:
+      return SparsePattern::strided(128);
+    case kFixed:
+      return SparsePattern::fixed(128, 16);
+    default:
+      return SparsePattern::block(band_and_global_layout(n), kBlock);
   }
 }
 
@@ -89,7 +95,11 @@ BENCHMARK(BM_Sparse)
     ->ArgsProduct({{kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse}, kLengths, {1}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Dense)->ArgNames({"n", "threads"})->ArgsProduct({kLengths, {1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Dense)
+    ->ArgNames({"n", "threads"})
+    ->ArgsProduct({kLengths, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace attnkit::bench

@@ -30,6 +30,8 @@ def load(results):
                 continue
             parts = b["run_name"].split("/")
             params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
+            if b.get("label") and "pattern" in params:
+                params["pattern"] = b["label"]  # the pattern's name instead of its number
             scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
             rows.append({
                 "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
@@ -81,6 +83,32 @@ def fmt(x, digits=1):
     return "" if x is None else f"{x:.{digits}f}"
 
 
+def sparse_section(rows):
+    """Per sparse pattern: time, GFLOP/s on the allowed pairs, and both as ratios to dense attention at the same n."""
+    dense = {int(r["params"]["n"]): r for r in rows
+             if r["family"] == "sparse" and r["variant"] == "Dense" and r["params"].get("threads") == "1"}
+    sparse = [r for r in rows if r["family"] == "sparse" and r["variant"] == "Sparse" and r["params"].get("threads") == "1"]
+    if not sparse or not dense:
+        return []
+    lines = ["", "## Sparse patterns vs dense attention (d = 64, one thread)", "",
+             "GFLOP/s count 4 d FLOPs per allowed pair. Speed-up = dense time / sparse time at the same n.", "",
+             "| pattern | n | time (ms) | GFLOP/s | GFLOP/s vs dense | speed-up |", "|---|---:|---:|---:|---:|---:|"]
+    by_pattern = defaultdict(dict)
+    for r in sparse:
+        by_pattern[r["params"]["pattern"]][int(r["params"]["n"])] = r
+    for pattern, runs in by_pattern.items():
+        for n in sorted(runs):
+            r, d = runs[n], dense.get(n)
+            ratio = f"{r['gflops'] / d['gflops']:.2f}" if d and r["gflops"] and d["gflops"] else ""
+            speedup = f"{d['ms'] / r['ms']:.1f}x" if d else ""
+            lines.append(f"| {pattern} | {n} | {r['ms']:.3f} | {fmt(r['gflops'])} | {ratio} | {speedup} |")
+    lines += ["", "| pattern | time(65536) / time(4096) (linear = 16) |", "|---|---:|"]
+    for pattern, runs in by_pattern.items():
+        if 4096 in runs and 65536 in runs:
+            lines.append(f"| {pattern} | {runs[65536]['ms'] / runs[4096]['ms']:.1f} |")
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -96,6 +124,7 @@ def summary(rows, context, results):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['family']} | {r['variant']} | {params} | {r['ms']:.3f} | {fmt(r['gflops'])} | "
                      f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} |")
+    lines += sparse_section(rows)
     path = os.path.join(results, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -112,6 +141,8 @@ def main():
     written = [
         plot(rows, results, "ms", "time per call (ms)", "time.png", "Time per call (solid: full, dashed: causal)"),
         plot(rows, results, "heap_mib", "peak heap per call (MiB)", "memory.png", "Peak heap per call"),
+        plot(rows, results, "ms", "time per call (ms)", "sparse.png", "Sparse patterns vs dense attention (d = 64)",
+             only=lambda g: g[0] == "sparse"),
         plot(rows, results, "gflops", "GFLOP/s", "gflops.png", "Exact attention throughput (FLOPs = 4 d per pair)",
              only=lambda g: g[0] == "sdpa", logy=False),
         summary(rows, context, results),

@@ -118,7 +118,8 @@ TEST(Dense, EqualsADoubleProductOnAwkwardShapesAndLayouts) {
     for (Index depth : {1, 17, 64})
       for (Index cols : {1, 5, 16, 67, 600}) {
         SCOPED_TRACE("n=" + std::to_string(n) + " depth=" + std::to_string(depth) + " cols=" + std::to_string(cols));
-        const Matrix<float> x = testing::random_matrix<float>(n, depth, 1), w = testing::random_matrix<float>(depth, cols, 2);
+        const Matrix<float> x = testing::random_matrix<float>(n, depth, 1),
+                            w = testing::random_matrix<float>(depth, cols, 2);
         const Matrix<float> b = testing::random_matrix<float>(1, cols, 3);
         testing::MatD expected = x.cast<double>() * w.cast<double>();
         expected.rowwise() += b.cast<double>().row(0);

@@ -583,8 +583,10 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       o.query_tile = t.rate * std::max<Index>(1, default_rows / t.rate);
       o.key_tile = t.rate * std::max<Index>(1, 256 / t.rate);
     }
-    if (t.kind == SparsePattern::Kind::kBand && options.key_tile == 0 && o.query_tile == 0)
-      o.key_tile = std::clamp<Index>(default_rows + t.left + t.right + 1, o.key_tile, 512);
+    if (t.kind == SparsePattern::Kind::kBand && options.key_tile == 0) {
+      const Index rows = o.query_tile > 0 ? o.query_tile : default_rows;
+      o.key_tile = std::clamp<Index>(rows + t.left + t.right + 1, o.key_tile, 1024);
+    }
   }
 
   Vector<S> row_scales;

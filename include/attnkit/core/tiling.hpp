@@ -87,6 +87,16 @@ struct AttentionOutput {
   }
 };
 
+/// Prefetches the `count` scalars from `p` (one row) into cache, for reading.
+template <class S>
+inline void prefetch_row(const S* p, Index count) {
+#if defined(__GNUC__)
+  for (Index c = 0; c < count; c += 64 / Index(sizeof(S))) __builtin_prefetch(p + c, 0, 2);
+#else
+  (void)p, (void)count;
+#endif
+}
+
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
 /// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
@@ -141,6 +151,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         }
         limits = {ws.strips.data(), ws.strips.data()};
       }
+      if (values_in_place)  // the P V product reads these rows in place: fetch them while Q K^T runs
+        for (Index j = j0; j < j0 + cols; ++j) prefetch_row(v.row(j), dv);
       pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
       tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
                              ws.scores.data(), cols_pad, nullptr, {limits.cols, nullptr});

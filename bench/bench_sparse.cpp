@@ -95,6 +95,12 @@ BENCHMARK(BM_Sparse)
     ->ArgsProduct({{kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse}, kLengths, {1}})
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+// Two threads at two lengths: the direct call splits its query tiles, gathered calls run side by side.
+BENCHMARK(BM_Sparse)
+    ->ArgNames({"pattern", "n", "threads"})
+    ->ArgsProduct({{kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse}, {16384, 65536}, {2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Dense)
     ->ArgNames({"n", "threads"})
     ->ArgsProduct({kLengths, {1}})

@@ -292,6 +292,22 @@ TYPED_TEST(SparseTest, RowsWithNoAllowedKeyAreZero) {
   EXPECT_TRUE(out2.bottomRows(5).isZero(0));
 }
 
+TYPED_TEST(SparseTest, EmptySequencesAndHugeParameters) {
+  using S = TypeParam;
+  const Matrix<S> q = random_matrix<S>(5, 4, 1), k = random_matrix<S>(6, 4, 2), v = random_matrix<S>(6, 3, 3);
+  const Index huge = std::numeric_limits<Index>::max();
+  for (const SparsePattern& p : {SparsePattern::local(2), SparsePattern::local_atrous(3), SparsePattern::fixed(4, 2)}) {
+    EXPECT_TRUE(sparse_attention(q, k.topRows(0), v.topRows(0), p).isZero(0));  // no keys: zeros, not NaN
+    EXPECT_EQ(sparse_attention(q.topRows(0), k, v, p).rows(), 0);
+  }
+  // Widths and rates beyond the sequence mean "everything in reach": no overflow, same as dense attention.
+  const Matrix<S> dense = scaled_dot_product_attention(q, k, v);
+  for (const SparsePattern& p :
+       {SparsePattern::local(huge), SparsePattern::atrous(1, huge), SparsePattern::local_atrous(huge),
+        SparsePattern::strided(huge) | SparsePattern::local(huge), SparsePattern::fixed(huge, huge)})
+    EXPECT_TRUE(all_close(sparse_attention(q, k, v, p), dense.template cast<double>(), attention_tolerance<S>(6) * 4));
+}
+
 TYPED_TEST(SparseTest, WritesIntoCallersBufferAndReadsMaps) {
   using S = TypeParam;
   const Index n = 33;

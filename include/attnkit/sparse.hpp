@@ -209,8 +209,11 @@ class SparsePattern {
 
  private:
   explicit SparsePattern(Term t) { terms_.push_back(std::move(t)); }
+  /// Widths beyond any sequence mean "unbounded"; they are capped so that position +- width cannot overflow.
   static Term term(Kind kind, Index rate, Index left = -1, Index right = -1, Index count = 0) {
-    Term t{kind, rate, left, right, count, nullptr};
+    constexpr Index kWidest = Index(1) << 48;
+    Term t{kind,   std::min(rate, kWidest), std::min(left, kWidest), std::min(right, kWidest), std::min(count, kWidest),
+           nullptr};
     return t;
   }
   std::vector<Term> terms_;

@@ -1,0 +1,515 @@
+// attnkit: linear attention (Katharopoulos et al. 2020; Shen et al., "Efficient Attention"; Choromanski et al. 2020,
+// Performer FAVOR+), SPEC section 3:
+//
+//     O_i = phi(q_i)^T (sum_j psi(k_j) v_j^T) / (phi(q_i)^T sum_j psi(k_j) + eps)
+//
+// with the sums over all keys (non-causal) or over j <= i (causal). Cost O(n r d_v) for r features; memory O(r d_v)
+// state plus O(chunk r) scratch, never n x m. Three forms compute the same thing:
+//  - non-causal: the state S = psi(K)^T V, z = psi(K)^T 1 in one pass over the keys, then one pass over the queries;
+//  - causal, chunked: within a chunk of c rows the masked quadratic form tril(phi psi^T), across chunks the running
+//    state;
+//  - recurrent: LinearAttentionState takes a token (or a block) at a time, O(r d_v) memory whatever the length.
+//
+// A feature map is a small type with `Index features(Index d) const` (r) and
+// `void map(const S* x, Index rows, Index d, FeatureRole role, S* out, Index ld) const`, writing the r features of
+// each of `rows` contiguous input rows (row stride d) to out (row stride ld). EluPlusOne, Relu, Taylor and
+// PerformerFeatures<S> below are the built-in ones; any type with these two members works.
+#pragma once
+
+#include <Eigen/QR>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/microkernel.hpp"
+#include "core/threading.hpp"
+#include "core/types.hpp"
+#include "core/view.hpp"
+
+namespace attnkit {
+
+/// Which side a feature map is applied to: some maps stabilise queries and keys differently.
+enum class FeatureRole { kQuery, kKey };
+
+/// \brief Options of linear attention.
+struct LinearOptions {
+  bool causal = false;  ///< O_i sums over keys j <= i only (requires n == m)
+  Index chunk = 0;      ///< rows per chunk of the causal and streaming passes; 0 = 64 (measured, see bench/README.md)
+  double eps = 1e-6;    ///< added to every denominator; >= 0
+  int threads = 0;      ///< 0 = all; results are the same for any thread count
+};
+
+/// \brief phi(x) = elu(x) + 1 (Katharopoulos et al.): positive, r = d.
+struct EluPlusOne {
+  Index features(Index d) const { return d; }
+  template <class S>
+  void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
+    for (Index i = 0; i < rows; ++i)
+      for (Index c = 0; c < d; ++c) {
+        const S v = x[i * d + c];
+        out[i * ld + c] = v > S(0) ? v + S(1) : std::exp(v);
+      }
+  }
+};
+
+/// \brief phi(x) = max(x, 0) + floor: r = d. The floor (default 1e-3) keeps every row's denominator positive.
+struct Relu {
+  double floor = 1e-3;
+  Index features(Index d) const { return d; }
+  template <class S>
+  void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
+    for (Index i = 0; i < rows; ++i)
+      for (Index c = 0; c < d; ++c) out[i * ld + c] = std::max(x[i * d + c], S(0)) + static_cast<S>(floor);
+  }
+};
+
+/// \brief Taylor ("1 + cos"): sim(q, k) = 1 + (q / |q|) . (k / |k|), features [1, x / |x|], r = d + 1. A zero row
+/// maps to [1, 0, ..., 0].
+struct Taylor {
+  Index features(Index d) const { return d + 1; }
+  template <class S>
+  void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
+    for (Index i = 0; i < rows; ++i) {
+      S norm2 = 0;
+      for (Index c = 0; c < d; ++c) norm2 += x[i * d + c] * x[i * d + c];
+      const S inv = norm2 > S(0) ? S(1) / std::sqrt(norm2) : S(0);
+      out[i * ld] = S(1);
+      for (Index c = 0; c < d; ++c) out[i * ld + 1 + c] = x[i * d + c] * inv;
+    }
+  }
+};
+
+/// \brief Performer FAVOR+ positive random features (Choromanski et al. 2020): phi(x) = m^-1/2 exp(W x' - |x'|^2/2)
+/// with x' = x d^-1/4, so that E[phi(q) . phi(k)] = exp(q . k / sqrt(d)).
+///
+/// W (m x d, public via projection()) has N(0, I) rows, or, with `orthogonal`, rows orthogonal within blocks of d
+/// whose norms are drawn from the chi distribution with d degrees of freedom. Drawn from `seed` by a generator fixed
+/// here (SplitMix64 + Box-Muller), so the same seed gives the same W on every platform; redraw() draws anew.
+///
+/// Stabilisation (never Inf, whatever the inputs): queries subtract their row's largest exponent (it cancels between
+/// numerator and denominator); keys subtract one constant, max(0, max_l |w_l|^2 / 2 - 50), chosen from W alone, which
+/// bounds every key feature by e^50 (the exponent w.x' - |x'|^2/2 never exceeds |w|^2/2). Being data-independent, it
+/// is the same in every form, so non-causal, chunked and recurrent results agree. Features of very large keys
+/// underflow to 0 rather than overflow.
+template <class S>
+class PerformerFeatures {
+ public:
+  /// m random features for inputs of d columns; m = 0 means round(d ln d) (at least 1).
+  PerformerFeatures(Index d, Index m = 0, std::uint64_t seed = 0, bool orthogonal = true)
+      : d_(d), orthogonal_(orthogonal) {
+    if (d < 1) detail::fail("PerformerFeatures", "d must be >= 1, got ", d);
+    if (m < 0)
+      detail::fail("PerformerFeatures", "m (the number of random features) must be >= 1 (0 = d ln d), got ", m);
+    if (m == 0) m = std::max<Index>(1, Index(std::lround(double(d) * std::log(double(d)))));
+    m_ = m;
+    redraw(seed);
+  }
+
+  /// Draws a new W from `seed`.
+  void redraw(std::uint64_t seed) {
+    std::uint64_t state = seed;
+    const auto uniform = [&state] {  // SplitMix64 -> (0, 1)
+      std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+      z ^= z >> 31;
+      return (double(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
+    };
+    const auto normal = [&uniform] {
+      return std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform());
+    };
+    Eigen::MatrixXd w(m_, d_);
+    for (Index i = 0; i < w.size(); ++i) w.data()[i] = normal();
+    if (orthogonal_) {
+      for (Index b0 = 0; b0 < m_; b0 += d_) {
+        const Index rows = std::min(d_, m_ - b0);
+        Eigen::MatrixXd g(d_, d_);
+        for (Index i = 0; i < g.size(); ++i) g.data()[i] = normal();
+        const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(g).householderQ();
+        for (Index r = 0; r < rows; ++r) {
+          double chi2 = 0;  // the norm of an independent Gaussian vector: chi with d degrees of freedom
+          for (Index c = 0; c < d_; ++c) chi2 += w(b0 + r, c) * w(b0 + r, c);
+          w.row(b0 + r) = std::sqrt(chi2) * q.col(r).transpose();
+        }
+      }
+    }
+    w_ = w.cast<S>();
+    w_t_ = Matrix<S>::Zero(d_, detail::round_up(m_, detail::KernelShape<S>::kPacket));
+    w_t_.leftCols(m_) = w_.transpose();
+    const double largest = 0.5 * w.rowwise().squaredNorm().maxCoeff();
+    key_shift_ = std::max(0.0, largest - 50.0);
+  }
+
+  Index features(Index d) const {
+    if (d != d_) detail::fail("PerformerFeatures", "built for d = ", d_, " columns but applied to d = ", d);
+    return m_;
+  }
+  Index dimension() const { return d_; }
+  bool orthogonal() const { return orthogonal_; }
+  /// W, m x d.
+  const Matrix<S>& projection() const { return w_; }
+  /// The constant subtracted from every key exponent.
+  double key_shift() const { return key_shift_; }
+
+  void map(const S* x, Index rows, Index d, FeatureRole role, S* out, Index ld) const {
+    using K = detail::KernelShape<S>;
+    features(d);
+    const S scale = static_cast<S>(std::pow(double(d), -0.25)), norm = static_cast<S>(1.0 / std::sqrt(double(m_)));
+    thread_local Matrix<S> scaled;
+    scaled.resize(rows, d);
+    for (Index i = 0; i < rows * d; ++i) scaled.data()[i] = x[i] * scale;
+    const Index m_pad = detail::round_up(m_, K::kPacket);
+    thread_local Matrix<S> proj;
+    proj.resize(rows, m_pad);
+    // proj = x' W^T on the core micro-kernel (W^T row-major, read in place).
+    detail::tile_product<S, false>(scaled.data(), d, rows, detail::RhsPanels<S>{w_t_.data(), K::kCols, m_pad}, d, m_pad,
+                                   proj.data(), m_pad, nullptr);
+    for (Index i = 0; i < rows; ++i) {
+      const S* p = proj.data() + i * m_pad;
+      S shift;
+      if (role == FeatureRole::kQuery) {
+        shift = *std::max_element(p, p + m_);
+      } else {
+        S norm2 = 0;
+        for (Index c = 0; c < d; ++c) norm2 += scaled(i, c) * scaled(i, c);
+        shift = norm2 / S(2) + static_cast<S>(key_shift_);
+      }
+      for (Index l = 0; l < m_; ++l) out[i * ld + l] = norm * std::exp(p[l] - shift);
+    }
+  }
+
+ private:
+  Index d_ = 0, m_ = 0;
+  bool orthogonal_ = true;
+  Matrix<S> w_, w_t_;
+  double key_shift_ = 0;
+};
+
+namespace detail {
+
+/// Rows [r0, r0 + rows) of x packed contiguously (row stride x.cols).
+template <class S>
+void pack_input_rows(const StridedView<S>& x, Index r0, Index rows, S* dst) {
+  for (Index i = 0; i < rows; ++i) {
+    const S* src = x.row(r0 + i);
+    for (Index c = 0; c < x.cols; ++c) dst[i * x.cols + c] = src[c * x.col_stride];
+  }
+}
+
+/// C (rows x cols) = [C +] A (rows x depth, row stride lda) B (depth x cols, row stride ldb), cols a multiple of the
+/// packet size, on the core micro-kernel: deterministic, and the same for any thread count.
+template <class S>
+void small_gemm(const S* a, Index lda, Index rows, const S* b, Index ldb, Index depth, Index cols, S* c, Index ldc,
+                bool accumulate) {
+  using K = KernelShape<S>;
+  thread_local Vector<S> ones;
+  if (accumulate && ones.size() < rows) ones = Vector<S>::Ones(rows);
+  tile_product<S, false>(a, lda, rows, RhsPanels<S>{b, K::kCols, ldb}, depth, cols, c, ldc,
+                         accumulate ? ones.data() : nullptr);
+}
+
+/// The linear-attention state of one sequence: S = sum_j psi(k_j) v_j^T (r x dv, padded) and z = sum_j psi(k_j).
+template <class S>
+struct LinearState {
+  Matrix<S> s;  // r_pad x dv_pad
+  Vector<S> z;  // r_pad
+  void reset(Index r_pad, Index dv_pad) {
+    s = Matrix<S>::Zero(r_pad, dv_pad);
+    z = Vector<S>::Zero(r_pad);
+  }
+};
+
+/// Scratch of one chunk: features, transposed key features, values, products.
+template <class S>
+struct LinearScratch {
+  Matrix<S> x, phi, psi, psi_t, values, num, scores;
+};
+
+/// Shapes shared by the passes of one call.
+struct LinearShape {
+  Index d, dv, r, r_pad, dv_pad;
+};
+
+template <class S, class Map>
+LinearShape linear_shape(const Map& map, Index d, Index dv) {
+  using K = KernelShape<S>;
+  const Index r = map.features(d);
+  return {d, dv, r, round_up(r, K::kPacket), round_up(dv, K::kPacket)};
+}
+
+/// Features of rows [r0, r0 + rows) of x into f (rows x r_pad, zero padded).
+template <class S, class Map>
+void chunk_features(const Map& map, const StridedView<S>& x, Index r0, Index rows, FeatureRole role,
+                    const LinearShape& sh, Matrix<S>& buffer, Matrix<S>& f) {
+  buffer.resize(rows, sh.d);
+  pack_input_rows(x, r0, rows, buffer.data());
+  f.resize(rows, sh.r_pad);
+  if (sh.r_pad > sh.r) f.rightCols(sh.r_pad - sh.r).setZero();
+  map.map(buffer.data(), rows, sh.d, role, f.data(), sh.r_pad);
+}
+
+/// Key features psi (rows x r_pad) and psi^T (r_pad x rows, padded to whole packets of rows) and the values
+/// (rows x dv_pad) of keys [j0, j0 + rows), into the scratch.
+template <class S, class Map>
+void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>& v, Index j0, Index rows,
+                  const LinearShape& sh, LinearScratch<S>& w) {
+  chunk_features(map, k, j0, rows, FeatureRole::kKey, sh, w.x, w.psi);
+  w.psi_t = Matrix<S>::Zero(sh.r_pad, round_up(rows, KernelShape<S>::kPacket));
+  w.psi_t.leftCols(rows) = w.psi.transpose();
+  w.values = Matrix<S>::Zero(rows, sh.dv_pad);
+  for (Index i = 0; i < rows; ++i) {
+    const S* src = v.row(j0 + i);
+    for (Index c = 0; c < sh.dv; ++c) w.values(i, c) = src[c * v.col_stride];
+  }
+}
+
+/// Adds the prepared keys to the state: S += psi^T V, z += psi^T 1.
+template <class S>
+void absorb_keys(const LinearShape& sh, const LinearScratch<S>& w, LinearState<S>& state) {
+  const Index rows = w.psi.rows();
+  small_gemm(w.psi_t.data(), w.psi_t.cols(), sh.r_pad, w.values.data(), sh.dv_pad, rows, sh.dv_pad, state.s.data(),
+             sh.dv_pad, true);
+  state.z += w.psi.colwise().sum().transpose();
+}
+
+/// out rows = num / den row by row, den = phi . z (+ extra) + eps.
+template <class S>
+void write_normalised(const Matrix<S>& num, const Vector<S>& den, Index dv, S* out, Index out_stride) {
+  for (Index i = 0; i < num.rows(); ++i) {
+    const S inv = den[i] > S(0) ? S(1) / den[i] : S(0);
+    for (Index c = 0; c < dv; ++c) out[i * out_stride + c] = num(i, c) * inv;
+  }
+}
+
+/// Queries [i0, i0 + rows) against a state (all earlier keys), plus, for causal chunks, the prepared keys of the same
+/// chunk (j <= i within the chunk) by the masked quadratic form tril(phi psi^T).
+template <class S, class Map>
+void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows, const LinearShape& sh,
+                  const LinearState<S>& state, bool with_chunk_keys, S eps, LinearScratch<S>& w, S* out,
+                  Index out_stride) {
+  chunk_features(map, q, i0, rows, FeatureRole::kQuery, sh, w.x, w.phi);
+  w.num.resize(rows, sh.dv_pad);
+  small_gemm(w.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad, sh.dv_pad, w.num.data(), sh.dv_pad,
+             false);
+  Vector<S> den = w.phi * state.z;
+  if (with_chunk_keys) {
+    const Index cols = w.psi_t.cols();
+    w.scores.resize(rows, cols);
+    small_gemm(w.phi.data(), sh.r_pad, rows, w.psi_t.data(), cols, sh.r_pad, cols, w.scores.data(), cols, false);
+    for (Index i = 0; i < rows; ++i) {
+      for (Index j = i + 1; j < cols; ++j) w.scores(i, j) = S(0);  // causal inside the chunk
+      den[i] += w.scores.row(i).head(i + 1).sum();
+    }
+    small_gemm(w.scores.data(), cols, rows, w.values.data(), sh.dv_pad, rows, sh.dv_pad, w.num.data(), sh.dv_pad, true);
+  }
+  den.array() += eps;
+  write_normalised(w.num, den, sh.dv, out, out_stride);
+}
+
+/// Causal linear attention of rows [0, n) continuing `state` (keys before row 0), chunk by chunk: the masked quadratic
+/// form inside a chunk of c rows, the running state across chunks. Leaves the state after the last row.
+template <class S, class Map>
+void causal_chunks(const Map& map, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
+                   const LinearShape& sh, Index c, S eps, LinearState<S>& state, LinearScratch<S>& w, S* out,
+                   Index out_stride) {
+  for (Index i0 = 0; i0 < q.rows; i0 += c) {
+    const Index rows = std::min(c, q.rows - i0);
+    prepare_keys(map, k, v, i0, rows, sh, w);
+    chunk_output(map, q, i0, rows, sh, state, true, eps, w, out + i0 * out_stride, out_stride);
+    absorb_keys(sh, w, state);
+  }
+}
+
+inline void check_linear_options(const char* where, const LinearOptions& o) {
+  if (o.chunk < 0) fail(where, "options.chunk must be >= 0 (0 = auto), got ", o.chunk);
+  check_non_negative_finite(where, "options.eps", o.eps);
+  if (o.threads < 0) fail(where, "options.threads must be >= 0 (0 = all), got ", o.threads);
+}
+
+inline Index linear_chunk(const LinearOptions& o) { return o.chunk > 0 ? o.chunk : 64; }
+
+/// Keys are split into a fixed number of parts, whatever the thread count, and their states summed in order.
+constexpr Index kLinearKeyParts = 8;
+
+template <class S, class Map>
+void linear_into(const char* where, const Map& map, const StridedView<S>& q, const StridedView<S>& k,
+                 const StridedView<S>& v, const LinearOptions& o, S* out, Index out_stride) {
+  const Index n = q.rows, m = k.rows;
+  const LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
+  if (sh.r < 1) fail(where, "the feature map gives r = ", sh.r, " features; it must give at least 1");
+  const Index c = linear_chunk(o);
+  const S eps = static_cast<S>(o.eps);
+  if (o.causal) {
+    LinearState<S> state;
+    state.reset(sh.r_pad, sh.dv_pad);
+    LinearScratch<S> w;
+    causal_chunks(map, q, k, v, sh, c, eps, state, w, out, out_stride);
+    return;
+  }
+  // Non-causal: the keys' state in kLinearKeyParts fixed parts (in parallel), summed in order; then the queries.
+  const Index chunks = (m + c - 1) / c, parts = std::min(kLinearKeyParts, std::max<Index>(chunks, 1));
+  std::vector<LinearState<S>> partial(static_cast<size_t>(parts));
+  parallel_for(
+      parts, o.threads, [] { return LinearScratch<S>(); },
+      [&](Index p, LinearScratch<S>& w) {
+        LinearState<S>& state = partial[size_t(p)];
+        state.reset(sh.r_pad, sh.dv_pad);
+        for (Index t = p * chunks / parts; t < (p + 1) * chunks / parts; ++t) {
+          prepare_keys(map, k, v, t * c, std::min(c, m - t * c), sh, w);
+          absorb_keys(sh, w, state);
+        }
+      });
+  LinearState<S> total = partial[0];
+  for (Index p = 1; p < parts; ++p) total.s += partial[size_t(p)].s, total.z += partial[size_t(p)].z;
+  parallel_for((n + c - 1) / c, o.threads, [] { return LinearScratch<S>(); },
+               [&](Index t, LinearScratch<S>& w) {
+                 chunk_output(map, q, t * c, std::min(c, n - t * c), sh, total, false, eps, w, out + t * c * out_stride,
+                              out_stride);
+               });
+}
+
+template <class DQ, class DK, class DV>
+void check_linear_call(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                       const Eigen::MatrixBase<DV>& v, const LinearOptions& o) {
+  using S = typename DQ::Scalar;
+  static_check_scalar<S>();
+  static_assert(std::is_same_v<S, typename DK::Scalar> && std::is_same_v<S, typename DV::Scalar>,
+                "q, k and v must share one scalar type");
+  const auto shapes = [&] {
+    return std::string(" (q is ") + shape_str(q.rows(), q.cols()) + ", k is " + shape_str(k.rows(), k.cols()) +
+           ", v is " + shape_str(v.rows(), v.cols()) + ")";
+  };
+  if (q.cols() < 1) fail(where, "q must have d >= 1 columns", shapes());
+  if (k.cols() != q.cols()) fail(where, "k must have as many columns as q (d)", shapes());
+  if (v.rows() != k.rows()) fail(where, "v must have as many rows as k (one value per key)", shapes());
+  if (o.causal && q.rows() != k.rows())
+    fail(where, "causal linear attention needs n == m (use LinearAttentionState to continue a sequence)", shapes());
+  check_linear_options(where, o);
+}
+
+}  // namespace detail
+
+/// \brief Linear attention with feature map `map` (SPEC section 3), written into a caller's n x d_v `out`.
+/// \throws attnkit::Error on mismatched shapes, causal with n != m, or invalid options.
+template <class DQ, class DK, class DV, class Map>
+void linear_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+                      Eigen::Ref<Matrix<typename DQ::Scalar>> out, const Map& map, const LinearOptions& options = {}) {
+  constexpr const char* kWhere = "linear_attention";
+  detail::check_linear_call(kWhere, q, k, v, options);
+  if (out.rows() != q.rows() || out.cols() != v.cols())
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
+                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  const detail::ViewOf<DQ> qv(q);
+  const detail::ViewOf<DK> kv(k);
+  const detail::ViewOf<DV> vv(v);
+  detail::linear_into(kWhere, map, qv.view(), kv.view(), vv.view(), options, out.data(), out.outerStride());
+}
+
+/// \brief Linear attention, returning the n x d_v output. Cost O(n r d_v); memory O(r d_v + chunk r), never n x m.
+template <class DQ, class DK, class DV, class Map>
+Matrix<typename DQ::Scalar> linear_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                             const Eigen::MatrixBase<DV>& v, const Map& map,
+                                             const LinearOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  linear_attention(q, k, v, out, map, options);
+  return out;
+}
+
+/// \brief The recurrent form of causal linear attention: the state of one sequence, fed a token or a block of tokens
+/// at a time. O(r d_v) memory whatever the length; feeding a sequence in any blocks equals causal linear_attention.
+template <class S, class Map>
+class LinearAttentionState {
+ public:
+  /// options.eps and options.chunk apply (a block longer than a chunk is processed chunk by chunk).
+  LinearAttentionState(Map map, Index d, Index dv, const LinearOptions& options = {})
+      : map_(std::move(map)), d_(d), dv_(dv), eps_(options.eps), chunk_(detail::linear_chunk(options)) {
+    constexpr const char* kWhere = "LinearAttentionState";
+    if (d < 1 || dv < 0) detail::fail(kWhere, "d must be >= 1 and d_v >= 0, got d = ", d, ", d_v = ", dv);
+    detail::check_linear_options(kWhere, options);
+    shape_ = detail::linear_shape<S>(map_, d, dv);
+    reset();
+  }
+
+  /// Forgets every token.
+  void reset() {
+    state_.reset(shape_.r_pad, shape_.dv_pad);
+    length_ = 0;
+  }
+  Index length() const { return length_; }
+
+  /// Appends t tokens (rows of k and v) and returns the outputs of their queries (t x d_v): row i attends to every
+  /// earlier token and to tokens 0..i of this block.
+  template <class DQ, class DK, class DV>
+  Matrix<S> step(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v) {
+    constexpr const char* kWhere = "LinearAttentionState::step";
+    if (q.cols() != d_ || k.cols() != d_ || v.cols() != dv_ || k.rows() != q.rows() || v.rows() != q.rows())
+      detail::fail(kWhere, "expects t x d queries and keys and t x d_v values with d = ", d_, ", d_v = ", dv_,
+                   "; got q ", detail::shape_str(q.rows(), q.cols()), ", k ", detail::shape_str(k.rows(), k.cols()),
+                   ", v ", detail::shape_str(v.rows(), v.cols()));
+    const detail::ViewOf<DQ> qv(q);
+    const detail::ViewOf<DK> kv(k);
+    const detail::ViewOf<DV> vv(v);
+    Matrix<S> out(q.rows(), dv_);
+    if (q.rows() == 0) return out;
+    detail::causal_chunks(map_, qv.view(), kv.view(), vv.view(), shape_, chunk_, static_cast<S>(eps_), state_, scratch_,
+                          out.data(), dv_);
+    length_ += q.rows();
+    return out;
+  }
+
+ private:
+  Map map_;
+  Index d_, dv_;
+  double eps_;
+  Index chunk_;
+  detail::LinearShape shape_{};
+  detail::LinearState<S> state_;
+  detail::LinearScratch<S> scratch_;
+  Index length_ = 0;
+};
+
+/// \brief Efficient Attention (Shen et al.): softmax over d of each query row, softmax over the n keys of each key
+/// column, O = softmax_d(Q) (softmax_n(K)^T V). Each row of the implied attention matrix sums to 1; no denominator.
+/// Non-causal only: options.causal throws.
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                const Eigen::MatrixBase<DV>& v, const LinearOptions& options = {}) {
+  using S = typename DQ::Scalar;
+  constexpr const char* kWhere = "efficient_attention";
+  if (options.causal)
+    detail::fail(kWhere, "Efficient Attention normalises each key column over all n keys, so it has no causal form");
+  detail::check_linear_call(kWhere, q, k, v, options);
+  const detail::ViewOf<DK> kv(k);
+  const detail::ViewOf<DV> vv(v);
+  const Index n = q.rows(), m = k.rows(), d = q.cols(), dv = v.cols();
+  // Column maxima of K, then S = exp(K - max)^T V and the column sums, then S_l /= sum_l.
+  Vector<S> col_max = Vector<S>::Constant(d, -std::numeric_limits<S>::infinity());
+  for (Index j = 0; j < m; ++j)
+    for (Index c = 0; c < d; ++c) col_max[c] = std::max(col_max[c], kv.view()(j, c));
+  Matrix<S> state = Matrix<S>::Zero(d, dv);
+  Vector<S> sums = Vector<S>::Zero(d);
+  Vector<S> e(d);
+  for (Index j = 0; j < m; ++j) {
+    for (Index c = 0; c < d; ++c) e[c] = std::exp(kv.view()(j, c) - col_max[c]);
+    sums += e;
+    for (Index c = 0; c < d; ++c)
+      for (Index t = 0; t < dv; ++t) state(c, t) += e[c] * vv.view()(j, t);
+  }
+  for (Index c = 0; c < d; ++c)
+    if (sums[c] > S(0)) state.row(c) /= sums[c];
+  Matrix<S> out(n, dv);
+  const Matrix<S> qm = q;
+  for (Index i = 0; i < n; ++i) {
+    const auto row = qm.row(i).array();
+    const Eigen::Array<S, 1, Eigen::Dynamic> p = (row - row.maxCoeff()).exp();
+    out.row(i) = (p / p.sum()).matrix() * state;
+  }
+  return out;
+}
+
+}  // namespace attnkit

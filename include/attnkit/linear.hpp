@@ -39,7 +39,7 @@ enum class FeatureRole { kQuery, kKey };
 /// \brief Options of linear attention.
 struct LinearOptions {
   bool causal = false;  ///< O_i sums over keys j <= i only (requires n == m)
-  Index chunk = 0;      ///< rows per chunk of the causal and streaming passes; 0 = 64 (measured, see bench/README.md)
+  Index chunk = 0;      ///< rows per chunk; 0 = 64 non-causal, 16 causal (measured, see bench/README.md)
   double eps = 1e-6;    ///< added to every denominator; >= 0
   int threads = 0;      ///< 0 = all; results are the same for any thread count
 };
@@ -49,11 +49,10 @@ struct EluPlusOne {
   Index features(Index d) const { return d; }
   template <class S>
   void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
-    for (Index i = 0; i < rows; ++i)
-      for (Index c = 0; c < d; ++c) {
-        const S v = x[i * d + c];
-        out[i * ld + c] = v > S(0) ? v + S(1) : std::exp(v);
-      }
+    for (Index i = 0; i < rows; ++i) {  // max(x, 0) + exp(min(x, 0)): one vectorised expression, no branch
+      const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> xr(x + i * d, d);
+      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(out + i * ld, d) = xr.max(S(0)) + xr.min(S(0)).exp();
+    }
   }
 };
 
@@ -63,8 +62,10 @@ struct Relu {
   Index features(Index d) const { return d; }
   template <class S>
   void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
-    for (Index i = 0; i < rows; ++i)
-      for (Index c = 0; c < d; ++c) out[i * ld + c] = std::max(x[i * d + c], S(0)) + static_cast<S>(floor);
+    for (Index i = 0; i < rows; ++i) {
+      const Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>> xr(x + i * d, d);
+      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(out + i * ld, d) = xr.max(S(0)) + static_cast<S>(floor);
+    }
   }
 };
 
@@ -179,7 +180,8 @@ class PerformerFeatures {
         for (Index c = 0; c < d; ++c) norm2 += scaled(i, c) * scaled(i, c);
         shift = norm2 / S(2) + static_cast<S>(key_shift_);
       }
-      for (Index l = 0; l < m_; ++l) out[i * ld + l] = norm * std::exp(p[l] - shift);
+      Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(out + i * ld, m_) =
+          norm * (Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, 1>>(p, m_) - shift).exp();
     }
   }
 
@@ -193,8 +195,12 @@ class PerformerFeatures {
 namespace detail {
 
 /// Rows [r0, r0 + rows) of x packed contiguously (row stride x.cols).
+/// Also asks for the next chunk's rows while this chunk computes: streaming from DRAM, the causal form's short chunks
+/// otherwise wait on every new row (12% at n = 65536; written inline: the same loop behind a helper measured no gain).
 template <class S>
 void pack_input_rows(const StridedView<S>& x, Index r0, Index rows, S* dst) {
+  for (Index i = r0 + rows; i < std::min(x.rows, r0 + 2 * rows); ++i)
+    for (Index c = 0; c < x.cols; c += 16) __builtin_prefetch(x.row(i) + c * x.col_stride, 0, 2);
   for (Index i = 0; i < rows; ++i) {
     const S* src = x.row(r0 + i);
     for (Index c = 0; c < x.cols; ++c) dst[i * x.cols + c] = src[c * x.col_stride];
@@ -262,6 +268,8 @@ void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>&
   w.psi_t = Matrix<S>::Zero(sh.r_pad, round_up(rows, KernelShape<S>::kPacket));
   w.psi_t.leftCols(rows) = w.psi.transpose();
   w.values = Matrix<S>::Zero(rows, sh.dv_pad);
+  for (Index i = j0 + rows; i < std::min(v.rows, j0 + 2 * rows); ++i)  // the next chunk's values, as above
+    for (Index c = 0; c < v.cols; c += 16) __builtin_prefetch(v.row(i) + c * v.col_stride, 0, 2);
   for (Index i = 0; i < rows; ++i) {
     const S* src = v.row(j0 + i);
     for (Index c = 0; c < sh.dv; ++c) w.values(i, c) = src[c * v.col_stride];
@@ -331,7 +339,9 @@ inline void check_linear_options(const char* where, const LinearOptions& o) {
   if (o.threads < 0) fail(where, "options.threads must be >= 0 (0 = all), got ", o.threads);
 }
 
-inline Index linear_chunk(const LinearOptions& o) { return o.chunk > 0 ? o.chunk : 64; }
+/// Default chunks, measured at d = 64 (bench/README.md): 64 rows for the non-causal passes; 16 for the causal form,
+/// whose in-chunk quadratic part grows with the chunk.
+inline Index linear_chunk(const LinearOptions& o) { return o.chunk > 0 ? o.chunk : o.causal ? 16 : 64; }
 
 /// Keys are split into a fixed number of parts, whatever the thread count, and their states summed in order.
 constexpr Index kLinearKeyParts = 8;
@@ -427,7 +437,7 @@ class LinearAttentionState {
  public:
   /// options.eps and options.chunk apply (a block longer than a chunk is processed chunk by chunk).
   LinearAttentionState(Map map, Index d, Index dv, const LinearOptions& options = {})
-      : map_(std::move(map)), d_(d), dv_(dv), eps_(options.eps), chunk_(detail::linear_chunk(options)) {
+      : map_(std::move(map)), d_(d), dv_(dv), eps_(options.eps), chunk_(detail::linear_chunk(causal(options))) {
     constexpr const char* kWhere = "LinearAttentionState";
     if (d < 1 || dv < 0) detail::fail(kWhere, "d must be >= 1 and d_v >= 0, got d = ", d, ", d_v = ", dv);
     detail::check_linear_options(kWhere, options);
@@ -463,6 +473,11 @@ class LinearAttentionState {
   }
 
  private:
+  static LinearOptions causal(LinearOptions o) {
+    o.causal = true;
+    return o;
+  }
+
   Map map_;
   Index d_, dv_;
   double eps_;
@@ -473,42 +488,88 @@ class LinearAttentionState {
   Index length_ = 0;
 };
 
+namespace detail {
+
+/// Efficient Attention's key features: exp(k - column max), the column max taken over all keys first.
+template <class S>
+struct ColumnExp {
+  const S* col_max;
+  Index features(Index d) const { return d; }
+  void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
+    const Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>> shift(col_max, d);
+    for (Index i = 0; i < rows; ++i)
+      Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>>(out + i * ld, d) =
+          (Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>>(x + i * d, d) - shift).exp();
+  }
+};
+
+/// Efficient Attention's query features: softmax over d of each row.
+struct RowSoftmax {
+  Index features(Index d) const { return d; }
+  template <class S>
+  void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
+    for (Index i = 0; i < rows; ++i) {
+      const Eigen::Map<const Eigen::Array<S, 1, Eigen::Dynamic>> xr(x + i * d, d);
+      Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>> o(out + i * ld, d);
+      o = (xr - xr.maxCoeff()).exp();
+      o /= o.sum();
+    }
+  }
+};
+
+}  // namespace detail
+
 /// \brief Efficient Attention (Shen et al.): softmax over d of each query row, softmax over the n keys of each key
-/// column, O = softmax_d(Q) (softmax_n(K)^T V). Each row of the implied attention matrix sums to 1; no denominator.
-/// Non-causal only: options.causal throws.
+/// column, O = softmax_d(Q) (softmax_n(K)^T V). Each row of the implied n x m attention matrix sums to 1; there is no
+/// denominator. Cost O((n + m) d d_v), memory O(d d_v + chunk d). Non-causal only: options.causal throws.
 template <class DQ, class DK, class DV>
-Matrix<typename DQ::Scalar> efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
-                                                const Eigen::MatrixBase<DV>& v, const LinearOptions& options = {}) {
+void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
+                         Eigen::Ref<Matrix<typename DQ::Scalar>> out, const LinearOptions& options = {}) {
   using S = typename DQ::Scalar;
   constexpr const char* kWhere = "efficient_attention";
   if (options.causal)
     detail::fail(kWhere, "Efficient Attention normalises each key column over all n keys, so it has no causal form");
   detail::check_linear_call(kWhere, q, k, v, options);
+  if (out.rows() != q.rows() || out.cols() != v.cols())
+    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
+                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  const detail::ViewOf<DQ> qv(q);
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
-  const Index n = q.rows(), m = k.rows(), d = q.cols(), dv = v.cols();
-  // Column maxima of K, then S = exp(K - max)^T V and the column sums, then S_l /= sum_l.
+  const Index n = q.rows(), m = k.rows(), d = q.cols(), c = detail::linear_chunk(options);
   Vector<S> col_max = Vector<S>::Constant(d, -std::numeric_limits<S>::infinity());
   for (Index j = 0; j < m; ++j)
-    for (Index c = 0; c < d; ++c) col_max[c] = std::max(col_max[c], kv.view()(j, c));
-  Matrix<S> state = Matrix<S>::Zero(d, dv);
-  Vector<S> sums = Vector<S>::Zero(d);
-  Vector<S> e(d);
-  for (Index j = 0; j < m; ++j) {
-    for (Index c = 0; c < d; ++c) e[c] = std::exp(kv.view()(j, c) - col_max[c]);
-    sums += e;
-    for (Index c = 0; c < d; ++c)
-      for (Index t = 0; t < dv; ++t) state(c, t) += e[c] * vv.view()(j, t);
+    for (Index t = 0; t < d; ++t) col_max[t] = std::max(col_max[t], kv.view()(j, t));
+  const detail::ColumnExp<S> keys{col_max.data()};
+  const detail::LinearShape sh = detail::linear_shape<S>(keys, d, v.cols());
+  detail::LinearState<S> state;  // S = exp(K - max)^T V, z = column sums; then row l of S divided by z_l
+  state.reset(sh.r_pad, sh.dv_pad);
+  detail::LinearScratch<S> w;
+  for (Index j0 = 0; j0 < m; j0 += c) {
+    detail::prepare_keys(keys, kv.view(), vv.view(), j0, std::min(c, m - j0), sh, w);
+    detail::absorb_keys(sh, w, state);
   }
-  for (Index c = 0; c < d; ++c)
-    if (sums[c] > S(0)) state.row(c) /= sums[c];
-  Matrix<S> out(n, dv);
-  const Matrix<S> qm = q;
-  for (Index i = 0; i < n; ++i) {
-    const auto row = qm.row(i).array();
-    const Eigen::Array<S, 1, Eigen::Dynamic> p = (row - row.maxCoeff()).exp();
-    out.row(i) = (p / p.sum()).matrix() * state;
-  }
+  for (Index t = 0; t < d; ++t)
+    if (state.z[t] > S(0)) state.s.row(t) /= state.z[t];
+  detail::parallel_for((n + c - 1) / c, options.threads, [] { return detail::LinearScratch<S>(); },
+                       [&](Index t, detail::LinearScratch<S>& scratch) {
+                         const Index i0 = t * c, rows = std::min(c, n - i0);
+                         detail::chunk_features(detail::RowSoftmax{}, qv.view(), i0, rows, FeatureRole::kQuery, sh,
+                                                scratch.x, scratch.phi);
+                         scratch.num.resize(rows, sh.dv_pad);
+                         detail::small_gemm(scratch.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad,
+                                            sh.dv_pad, scratch.num.data(), sh.dv_pad, false);
+                         for (Index i = 0; i < rows; ++i)
+                           for (Index col = 0; col < v.cols(); ++col) out(i0 + i, col) = scratch.num(i, col);
+                       });
+}
+
+/// \brief As above, returning the n x d_v output.
+template <class DQ, class DK, class DV>
+Matrix<typename DQ::Scalar> efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
+                                                const Eigen::MatrixBase<DV>& v, const LinearOptions& options = {}) {
+  Matrix<typename DQ::Scalar> out(q.rows(), v.cols());
+  efficient_attention(q, k, v, out, options);
   return out;
 }
 

@@ -1,0 +1,118 @@
+// Linear attention: each feature map in each form vs the exact fused kernel, d = 64, float, one thread. FLOPs are
+// not comparable across families (linear attention does O(n r d) work), so this benchmark reports time, heap and, in
+// bench/plot.py's summary, the length where each linear form overtakes exact attention.
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+
+namespace attnkit::bench {
+namespace {
+
+constexpr Index kD = 64;
+
+enum MapId { kElu, kRelu, kTaylor, kPerformer, kEfficient };
+const char* const kMapNames[] = {"elu+1", "relu", "taylor", "performer", "efficient"};
+
+/// Runs `body(map)` with the feature map `id` (Efficient Attention has none: body gets nullptr_t).
+template <class Body>
+void with_map(int id, const Body& body) {
+  switch (id) {
+    case kElu: return body(EluPlusOne{});
+    case kRelu: return body(Relu{});
+    case kTaylor: return body(Taylor{});
+    case kPerformer: return body(PerformerFeatures<float>(kD));
+    default: return body(nullptr);
+  }
+}
+
+void BM_Linear(benchmark::State& state) {
+  const int id = int(state.range(0));
+  const Index n = state.range(2);
+  const Matrix<float> q = random_matrix<float>(n, kD, 1), k = random_matrix<float>(n, kD, 2),
+                      v = random_matrix<float>(n, kD, 3);
+  Matrix<float> out(n, kD);
+  LinearOptions o;
+  o.causal = state.range(1) != 0;
+  o.threads = int(state.range(3));
+  with_map(id, [&](const auto& map) {
+    const auto call = [&] {
+      if constexpr (std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>)
+        efficient_attention(q, k, v, out, o);
+      else
+        linear_attention(q, k, v, out, map, o);
+    };
+    const int64_t heap = measure_peak_heap(call);
+    for (auto _ : state) {
+      call();
+      benchmark::ClobberMemory();
+    }
+    state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+  });
+  state.SetLabel(kMapNames[id]);
+}
+
+/// Exact attention at the same sizes, for the speed-ups and the crossover.
+void BM_Exact(benchmark::State& state) {
+  const Index n = state.range(1);
+  const Matrix<float> q = random_matrix<float>(n, kD, 1), k = random_matrix<float>(n, kD, 2),
+                      v = random_matrix<float>(n, kD, 3);
+  Matrix<float> out(n, kD);
+  AttentionOptions o;
+  o.causal = state.range(0) != 0;
+  o.threads = int(state.range(2));
+  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(q, k, v, out, o); });
+  for (auto _ : state) {
+    scaled_dot_product_attention(q, k, v, out, o);
+    benchmark::ClobberMemory();
+  }
+  state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+}
+
+/// One decoding step of the recurrent form after `length` tokens: should not depend on the length.
+void BM_RecurrentStep(benchmark::State& state) {
+  const int id = int(state.range(0));
+  const Index length = state.range(1);
+  const Matrix<float> q = random_matrix<float>(1, kD, 1), k = random_matrix<float>(1, kD, 2),
+                      v = random_matrix<float>(1, kD, 3);
+  with_map(id, [&](const auto& map) {
+    using Map = std::decay_t<decltype(map)>;
+    if constexpr (!std::is_same_v<Map, std::nullptr_t>) {
+      LinearAttentionState<float, Map> s(map, kD, kD);
+      const Matrix<float> prefix = random_matrix<float>(length, kD, 4);
+      s.step(prefix, prefix, prefix);  // the history, processed once, outside the timing
+      const int64_t heap = measure_peak_heap([&] { benchmark::DoNotOptimize(s.step(q, k, v).data()); });
+      for (auto _ : state) benchmark::DoNotOptimize(s.step(q, k, v).data());
+      state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+    }
+  });
+  state.SetLabel(kMapNames[id]);
+}
+
+const std::vector<int64_t> kLengths = {256, 1024, 4096, 16384, 65536};
+
+BENCHMARK(BM_Linear)
+    ->ArgNames({"map", "causal", "n", "threads"})
+    ->ArgsProduct({{kElu, kRelu, kTaylor, kPerformer}, {0, 1}, kLengths, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Linear)
+    ->ArgNames({"map", "causal", "n", "threads"})
+    ->ArgsProduct({{kEfficient}, {0}, kLengths, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Exact)
+    ->ArgNames({"causal", "n", "threads"})
+    ->ArgsProduct({{0, 1}, kLengths, {1}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_RecurrentStep)
+    ->ArgNames({"map", "length"})
+    ->ArgsProduct({{kElu, kPerformer}, {1024, 16384, 65536}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+
+}  // namespace
+}  // namespace attnkit::bench
+
+ATTNKIT_BENCHMARK_MAIN()

@@ -6,7 +6,7 @@
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 PYTHON ?= /usr/bin/python3
 RESULTS := build/bench-results
-BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse
+BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
@@ -47,7 +47,7 @@ bench: deps
 	$(PYTHON) bench/plot.py $(RESULTS)
 
 bench-quick:
-	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024)/' BENCH_MIN_TIME=0.01
+	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024|length:1024)/' BENCH_MIN_TIME=0.01
 
 clean:
 	rm -rf build

@@ -18,11 +18,16 @@ const char* const kMapNames[] = {"elu+1", "relu", "taylor", "performer", "effici
 template <class Body>
 void with_map(int id, const Body& body) {
   switch (id) {
-    case kElu: return body(EluPlusOne{});
-    case kRelu: return body(Relu{});
-    case kTaylor: return body(Taylor{});
-    case kPerformer: return body(PerformerFeatures<float>(kD));
-    default: return body(nullptr);
+    case kElu:
+      return body(EluPlusOne{});
+    case kRelu:
+      return body(Relu{});
+    case kTaylor:
+      return body(Taylor{});
+    case kPerformer:
+      return body(PerformerFeatures<float>(kD));
+    default:
+      return body(nullptr);
   }
 }
 

@@ -30,8 +30,9 @@ def load(results):
                 continue
             parts = b["run_name"].split("/")
             params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
-            if b.get("label") and "pattern" in params:
-                params["pattern"] = b["label"]  # the pattern's name instead of its number
+            for named in ("pattern", "map"):  # the name instead of its number
+                if b.get("label") and named in params:
+                    params[named] = b["label"]
             scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
             rows.append({
                 "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
@@ -109,6 +110,39 @@ def sparse_section(rows):
     return lines
 
 
+def linear_section(rows):
+    """Per linear-attention map and form: time, speed-up over exact attention, and the crossover length."""
+    exact = {(r["params"]["causal"], int(r["params"]["n"])): r for r in rows
+             if r["family"] == "linear" and r["variant"] == "Exact"}
+    linear = [r for r in rows if r["family"] == "linear" and r["variant"] == "Linear"]
+    if not linear or not exact:
+        return []
+    lines = ["", "## Linear attention vs exact attention (d = 64, one thread)", "",
+             "| map | causal | n | time (ms) | exact (ms) | speed-up | peak heap (MiB) |", "|---|---|---:|---:|---:|---:|---:|"]
+    groups = defaultdict(dict)
+    for r in linear:
+        groups[(r["params"]["map"], r["params"]["causal"])][int(r["params"]["n"])] = r
+    crossover = []
+    for (name, causal), runs in sorted(groups.items()):
+        first = None
+        for n in sorted(runs):
+            r, e = runs[n], exact.get((causal, n))
+            if e and first is None and r["ms"] < e["ms"]:
+                first = n
+            lines.append(f"| {name} | {causal} | {n} | {r['ms']:.3f} | {e['ms']:.3f} | {e['ms'] / r['ms']:.1f}x | "
+                         f"{fmt(r['heap_mib'], 2)} |" if e else f"| {name} | {causal} | {n} | {r['ms']:.3f} | | | |")
+        growth = f"{runs[65536]['ms'] / runs[4096]['ms']:.1f}" if 4096 in runs and 65536 in runs else ""
+        crossover.append(f"| {name} | {causal} | {first if first else 'not reached'} | {growth} |")
+    lines += ["", "| map | causal | faster than exact from n = | time(65536) / time(4096) (linear = 16) |",
+              "|---|---|---:|---:|"] + crossover
+    steps = [r for r in rows if r["family"] == "linear" and r["variant"] == "RecurrentStep"]
+    if steps:
+        lines += ["", "| recurrent decode step | after length | time (us) |", "|---|---:|---:|"]
+        for r in sorted(steps, key=lambda r: (r["params"]["map"], int(r["params"]["length"]))):
+            lines.append(f"| {r['params']['map']} | {r['params']['length']} | {r['ms'] * 1e3:.2f} |")
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -125,6 +159,7 @@ def summary(rows, context, results):
         lines.append(f"| {r['family']} | {r['variant']} | {params} | {r['ms']:.3f} | {fmt(r['gflops'])} | "
                      f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} |")
     lines += sparse_section(rows)
+    lines += linear_section(rows)
     path = os.path.join(results, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -5,8 +5,9 @@
 // usage: sparse_patterns [n]     (default n = 16384; timings are one thread, best of a few calls)
 #include <attnkit/attnkit.hpp>
 
+#include "timing.hpp"
+
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -47,17 +48,6 @@ std::vector<Named> patterns(Index n) {
            SparsePattern::fixed(l, std::max<Index>(1, l / 8)), true},
           {"block(" + std::to_string(block) + ", band + global)",
            SparsePattern::block(band_and_global(n, block), block), false}};
-}
-
-template <class F>
-double best_ms(const F& f, int calls) {
-  double best = 1e300;
-  for (int c = 0; c < calls; ++c) {
-    const auto t0 = std::chrono::steady_clock::now();
-    f();
-    best = std::min(best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
-  }
-  return best;
 }
 
 }  // namespace

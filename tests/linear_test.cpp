@@ -76,7 +76,7 @@ void for_each_map(Index d, const Body& body) {
   body("relu", Relu{}, Features(relu_floor), LinearOptions{}.eps);
   body("taylor", Taylor{}, Features(taylor), LinearOptions{}.eps);
   for (const bool orthogonal : {true, false}) {
-    const PerformerFeatures<S> p(d, 0, 7, orthogonal);
+    const PerformerFeatures<S> p(d, PerformerFeatures<S>::default_features(d), 7, orthogonal);
     // eps = 0: the output is then independent of the map's stabilising shifts, so the unstabilised formula applies.
     body(orthogonal ? "performer-orthogonal" : "performer-iid", p, performer(p.projection().template cast<double>()),
          0.0);
@@ -229,7 +229,7 @@ TEST(LinearFloatTest, LargeInputsNeverGiveInfOrNaN) {
     LinearOptions o;
     o.causal = causal;
     EXPECT_TRUE(linear_attention(q, k, v, PerformerFeatures<float>(d), o).array().isFinite().all());
-    EXPECT_TRUE(linear_attention(q, k, v, PerformerFeatures<float>(d, 0, 1, false), o).array().isFinite().all());
+    EXPECT_TRUE(linear_attention(q, k, v, PerformerFeatures<float>(d, 266, 1, false), o).array().isFinite().all());
     EXPECT_TRUE(linear_attention(q, k, v, EluPlusOne{}, o).array().isFinite().all());
     EXPECT_TRUE(linear_attention(q, k, v, Taylor{}, o).array().isFinite().all());
   }
@@ -258,6 +258,7 @@ TEST(LinearErrorsTest, BadInputNamesTheArgument) {
   bad = {}, bad.chunk = -2;
   expect_error([&] { linear_attention(q, k, v, EluPlusOne{}, bad); }, {"chunk"});
   expect_error([] { PerformerFeatures<float>(4, -1); }, {"m", "-1"});
+  expect_error([] { PerformerFeatures<float>(4, 0); }, {"m", ">= 1", "0"});
   expect_error([] { PerformerFeatures<float>(0); }, {"d"});
   expect_error([&] { linear_attention(q, k, v, PerformerFeatures<float>(5)); }, {"d = 5", "d = 4"});
   Matrix<float> out(10, 2);

@@ -100,15 +100,22 @@ struct Taylor {
 template <class S>
 class PerformerFeatures {
  public:
-  /// m random features for inputs of d columns; m = 0 means round(d ln d) (at least 1).
-  PerformerFeatures(Index d, Index m = 0, std::uint64_t seed = 0, bool orthogonal = true)
-      : d_(d), orthogonal_(orthogonal) {
+  /// default_features(d) random features for inputs of d columns, seed 0, orthogonal blocks.
+  explicit PerformerFeatures(Index d) : PerformerFeatures(d, default_features(d)) {}
+
+  /// m >= 1 random features for inputs of d columns, drawn from `seed`.
+  PerformerFeatures(Index d, Index m, std::uint64_t seed = 0, bool orthogonal = true) : d_(d), orthogonal_(orthogonal) {
     if (d < 1) detail::fail("PerformerFeatures", "d must be >= 1, got ", d);
-    if (m < 0)
-      detail::fail("PerformerFeatures", "m (the number of random features) must be >= 1 (0 = d ln d), got ", m);
-    if (m == 0) m = std::max<Index>(1, Index(std::lround(double(d) * std::log(double(d)))));
+    if (m < 1)
+      detail::fail("PerformerFeatures", "m (the number of random features) must be >= 1, got ", m,
+                   " (default_features(d) = round(d ln d))");
     m_ = m;
     redraw(seed);
+  }
+
+  /// The SPEC's default feature count, round(d ln d), at least 1.
+  static Index default_features(Index d) {
+    return std::max<Index>(1, Index(std::lround(double(d) * std::log(double(std::max<Index>(d, 1))))));
   }
 
   /// Draws a new W from `seed`.

@@ -242,7 +242,12 @@ struct SparseProblem {
       }
       (t.gathered() ? gathered : direct).push_back(t);
     }
+    for (const Term& t : direct) ordered.push_back(&t);
+    for (const Term& t : gathered) ordered.push_back(&t);
   }
+
+  SparseProblem(const SparseProblem&) = delete;  // `ordered` points into this object's own term lists
+  SparseProblem& operator=(const SparseProblem&) = delete;
 
   /// The smallest interval holding every key of term t for query row i (position a).
   KeyRange term_hull(const Term& t, Index a, Index i) const {
@@ -297,8 +302,7 @@ struct SparseProblem {
     return Cover::kSome;
   }
 
-  /// Calls f(begin, end) for runs of keys of term t for row i (position a) inside `within`; runs may include keys
-  /// of other residues only for residue and columns terms, whose f is called per key.
+  /// Calls f(j) for every key j of term t for row i (position a) inside `within`, ascending.
   template <class F>
   void for_each_key(const Term& t, Index a, Index i, KeyRange within, F&& f) const {
     const KeyRange r = intersect(term_hull(t, a, i), within);
@@ -334,7 +338,7 @@ struct SparseProblem {
     const Index a = base.position(i);
     const KeyRange range = base.row_range(i);
     Index count = 0;
-    const std::vector<const Term*> all = terms_in_order();
+    const std::vector<const Term*>& all = ordered;
     for (size_t t = 0; t < all.size(); ++t)
       for_each_key(*all[t], a, i, range, [&](Index j) {
         for (size_t u = 0; u < t; ++u)
@@ -344,18 +348,11 @@ struct SparseProblem {
     return count;
   }
 
-  /// Direct terms first, then gathered ones: the order in which a gathered call excludes earlier keys.
-  std::vector<const Term*> terms_in_order() const {
-    std::vector<const Term*> all;
-    for (const Term& t : direct) all.push_back(&t);
-    for (const Term& t : gathered) all.push_back(&t);
-    return all;
-  }
-
   Index n, m;
   MaskModel<S> base;
   std::vector<Term> direct, gathered;
-  const S* row_scales = nullptr;  // n entries with log-n scaling, else null
+  std::vector<const Term*> ordered;  // direct terms, then gathered ones: the order in which calls exclude keys
+  const S* row_scales = nullptr;     // n entries with log-n scaling, else null
 };
 
 /// The mask of one fused sub-call of sparse attention, in the sub-call's own row and key indices: query row s is

@@ -27,6 +27,7 @@
 
 #include "core/error.hpp"
 #include "core/microkernel.hpp"
+#include "core/options.hpp"
 #include "core/threading.hpp"
 #include "core/types.hpp"
 #include "core/view.hpp"
@@ -241,6 +242,7 @@ struct LinearState {
 template <class S>
 struct LinearScratch {
   Matrix<S> x, phi, psi, psi_t, values, num, scores;
+  Vector<S> den;
 };
 
 /// Shapes shared by the passes of one call.
@@ -311,7 +313,8 @@ void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows,
   w.num.resize(rows, sh.dv_pad);
   small_gemm(w.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad, sh.dv_pad, w.num.data(), sh.dv_pad,
              false);
-  Vector<S> den = w.phi * state.z;
+  Vector<S>& den = w.den;
+  den.noalias() = w.phi * state.z;
   if (with_chunk_keys) {
     const Index cols = w.psi_t.cols();
     w.scores.resize(rows, cols);
@@ -397,15 +400,10 @@ void check_linear_call(const char* where, const Eigen::MatrixBase<DQ>& q, const 
   static_check_scalar<S>();
   static_assert(std::is_same_v<S, typename DK::Scalar> && std::is_same_v<S, typename DV::Scalar>,
                 "q, k and v must share one scalar type");
-  const auto shapes = [&] {
-    return std::string(" (q is ") + shape_str(q.rows(), q.cols()) + ", k is " + shape_str(k.rows(), k.cols()) +
-           ", v is " + shape_str(v.rows(), v.cols()) + ")";
-  };
-  if (q.cols() < 1) fail(where, "q must have d >= 1 columns", shapes());
-  if (k.cols() != q.cols()) fail(where, "k must have as many columns as q (d)", shapes());
-  if (v.rows() != k.rows()) fail(where, "v must have as many rows as k (one value per key)", shapes());
+  check_attention_shapes(where, q.rows(), q.cols(), k.rows(), k.cols(), v.rows(), v.cols());
   if (o.causal && q.rows() != k.rows())
-    fail(where, "causal linear attention needs n == m (use LinearAttentionState to continue a sequence)", shapes());
+    fail(where, "causal linear attention needs n == m (use LinearAttentionState to continue a sequence); q is ",
+         shape_str(q.rows(), q.cols()), ", k is ", shape_str(k.rows(), k.cols()));
   check_linear_options(where, o);
 }
 

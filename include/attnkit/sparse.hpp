@@ -164,27 +164,24 @@ class SparsePattern {
 
   /// Whether query i may attend to key j in an n x m problem with these options (mask included). O(terms).
   bool allows(Index i, Index j, Index n, Index m, const AttentionOptions& o = {}) const {
-    const detail::MaskModel<double> base(n, m, o, {});
-    const detail::KeyRange r = base.row_range(i);
-    if (j < r.begin || j >= r.end) return false;
-    for (const Term& t : terms_)
-      if (contains(t, base.position(i), i, j)) return true;
-    return false;
+    return allows(detail::MaskModel<double>(n, m, o, {}), i, j);
   }
 
   /// A_i, ascending: the keys query i attends to. O(m); meant for tests, examples and inspection.
   std::vector<Index> keys(Index i, Index n, Index m, const AttentionOptions& o = {}) const {
+    const detail::MaskModel<double> base(n, m, o, {});
     std::vector<Index> out;
     for (Index j = 0; j < m; ++j)
-      if (allows(i, j, n, m, o)) out.push_back(j);
+      if (allows(base, i, j)) out.push_back(j);
     return out;
   }
 
   /// The n x m boolean mask of the pattern (true = allowed). O(n m): for references and pictures, not for kernels.
   BoolMatrix mask(Index n, Index m, const AttentionOptions& o = {}) const {
+    const detail::MaskModel<double> base(n, m, o, {});
     BoolMatrix b(n, m);
     for (Index i = 0; i < n; ++i)
-      for (Index j = 0; j < m; ++j) b(i, j) = allows(i, j, n, m, o);
+      for (Index j = 0; j < m; ++j) b(i, j) = allows(base, i, j);
     return b;
   }
 
@@ -210,6 +207,14 @@ class SparsePattern {
  private:
   explicit SparsePattern(Term t) { terms_.push_back(std::move(t)); }
   /// Widths beyond any sequence mean "unbounded"; they are capped so that position +- width cannot overflow.
+  bool allows(const detail::MaskModel<double>& base, Index i, Index j) const {
+    const detail::KeyRange r = base.row_range(i);
+    if (j < r.begin || j >= r.end) return false;
+    for (const Term& t : terms_)
+      if (contains(t, base.position(i), i, j)) return true;
+    return false;
+  }
+
   static Term term(Kind kind, Index rate, Index left = -1, Index right = -1, Index count = 0) {
     constexpr Index kWidest = Index(1) << 48;
     Term t{kind,   std::min(rate, kWidest), std::min(left, kWidest), std::min(right, kWidest), std::min(count, kWidest),

@@ -237,14 +237,7 @@ TEST(LinearFloatTest, LargeInputsNeverGiveInfOrNaN) {
 }
 
 TEST(LinearErrorsTest, BadInputNamesTheArgument) {
-  const auto expect_error = [](const std::function<void()>& f, const std::vector<std::string>& words) {
-    try {
-      f();
-      ADD_FAILURE() << "no attnkit::Error";
-    } catch (const Error& e) {
-      for (const std::string& w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
-    }
-  };
+  using testing::expect_error;
   const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);
   expect_error([&] { linear_attention(q, k.leftCols(3), v, EluPlusOne{}); }, {"k", "10x4", "12x3"});
   expect_error([&] { linear_attention(q, k, v.topRows(5), EluPlusOne{}); }, {"v", "5x3"});

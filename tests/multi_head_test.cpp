@@ -324,12 +324,7 @@ TEST(Positions, RopeMatchesFormulaAndDependsOnRelativePositionOnly) {
 
 template <class F>
 void expect_error(const F& call, const char* needle) {
-  try {
-    call();
-    ADD_FAILURE() << "no attnkit::Error; expected one mentioning " << needle;
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
+  testing::expect_error(call, {needle});
 }
 
 TEST(MultiHeadErrors, BadConfigurationsInputsWeightsAndCaches) {

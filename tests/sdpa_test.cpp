@@ -333,17 +333,7 @@ TYPED_TEST(SdpaTest, TileSizesDoNotChangeTheResultBeyondRounding) {
     }
 }
 
-// Runs `call` and expects attnkit::Error whose message contains every one of `needles`.
-template <class F>
-void expect_error(const F& call, std::initializer_list<const char*> needles) {
-  try {
-    call();
-    ADD_FAILURE() << "no attnkit::Error thrown; expected one mentioning " << *needles.begin();
-  } catch (const Error& e) {
-    const std::string what = e.what();
-    for (const char* needle : needles) EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what;
-  }
-}
+using testing::expect_error;
 
 TEST(SdpaErrors, BadInputsThrowErrorsNamingArgumentAndShapes) {
   const Matrix<float> q = Matrix<float>::Ones(4, 8), k = Matrix<float>::Ones(6, 8), v = Matrix<float>::Ones(6, 5);

@@ -327,14 +327,7 @@ TYPED_TEST(SparseTest, WritesIntoCallersBufferAndReadsMaps) {
 }
 
 TEST(SparseErrorsTest, BadPatternsAndShapesName) {
-  const auto expect_error = [](const std::function<void()>& f, const std::vector<std::string>& words) {
-    try {
-      f();
-      ADD_FAILURE() << "no attnkit::Error";
-    } catch (const Error& e) {
-      for (const std::string& w : words) EXPECT_NE(std::string(e.what()).find(w), std::string::npos) << e.what();
-    }
-  };
+  using testing::expect_error;
   expect_error([] { SparsePattern::local(-1); }, {"local", "w", "-1"});
   expect_error([] { SparsePattern::atrous(0); }, {"atrous", "k", "0"});
   expect_error([] { SparsePattern::atrous(2, -2); }, {"atrous", "window"});

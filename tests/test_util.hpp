@@ -4,11 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <attnkit/core/error.hpp>
 #include <attnkit/core/options.hpp>
 #include <attnkit/core/types.hpp>
 
 #include <cmath>
 #include <functional>
+#include <initializer_list>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -101,6 +103,18 @@ inline NaiveResult naive_attention(const MatD& q, const MatD& k, const MatD& v, 
 template <class S>
 double attention_tolerance(Index m) {
   return 256 * std::numeric_limits<S>::epsilon() * std::sqrt(double(std::max<Index>(m, 1)));
+}
+
+/// Runs `call` and expects attnkit::Error whose message contains every one of `needles`.
+template <class F>
+void expect_error(const F& call, std::initializer_list<const char*> needles) {
+  try {
+    call();
+    ADD_FAILURE() << "no attnkit::Error thrown; expected one mentioning " << *needles.begin();
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    for (const char* needle : needles) EXPECT_NE(what.find(needle), std::string::npos) << "message: " << what;
+  }
 }
 
 /// Expects |actual - expected| <= tol elementwise (NaN equal to NaN), reporting the first bad element.

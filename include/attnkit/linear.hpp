@@ -416,9 +416,7 @@ void linear_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK
                       Eigen::Ref<Matrix<typename DQ::Scalar>> out, const Map& map, const LinearOptions& options = {}) {
   constexpr const char* kWhere = "linear_attention";
   detail::check_linear_call(kWhere, q, k, v, options);
-  if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
-                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  detail::check_out_shape(kWhere, out.rows(), out.cols(), q.rows(), v.cols());
   const detail::ViewOf<DQ> qv(q);
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
@@ -535,9 +533,7 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   if (options.causal)
     detail::fail(kWhere, "Efficient Attention normalises each key column over all n keys, so it has no causal form");
   detail::check_linear_call(kWhere, q, k, v, options);
-  if (out.rows() != q.rows() || out.cols() != v.cols())
-    detail::fail(kWhere, "out is ", detail::shape_str(out.rows(), out.cols()),
-                 " but must be n x d_v = ", detail::shape_str(q.rows(), v.cols()));
+  detail::check_out_shape(kWhere, out.rows(), out.cols(), q.rows(), v.cols());
   const detail::ViewOf<DQ> qv(q);
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);

@@ -39,11 +39,6 @@ void sdpa_into(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::M
       extras...);
 }
 
-inline void check_out_shape(const char* where, Index rows, Index cols, Index n, Index dv) {
-  if (rows != n || cols != dv)
-    fail(where, "out is ", shape_str(rows, cols), " but must be n x d_v = ", shape_str(n, dv));
-}
-
 template <class DQ, class DK, class DV>
 void check_sdpa_call(const char* where, const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                      const Eigen::MatrixBase<DV>& v, const AttentionOptions& o) {

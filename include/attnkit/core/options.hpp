@@ -72,6 +72,12 @@ inline void check_attention_shapes(const char* where, Index n, Index dq, Index m
   if (mv != m) fail(where, "v must have as many rows as k (one value per key)", shapes());
 }
 
+/// A caller's output buffer must be n x d_v.
+inline void check_out_shape(const char* where, Index rows, Index cols, Index n, Index dv) {
+  if (rows != n || cols != dv)
+    fail(where, "out is ", shape_str(rows, cols), " but must be n x d_v = ", shape_str(n, dv));
+}
+
 /// The logit scale: options.scale, or 1/sqrt(d_k) when it is 0.
 template <class S>
 S resolve_scale(const AttentionOptions& o, Index d_k) {

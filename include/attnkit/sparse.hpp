@@ -552,24 +552,6 @@ std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<
   return calls;
 }
 
-/// Folds a partial result (part, part_lse) over more keys into (out, lse), both normalised over their own keys: with
-/// w = exp(min - max) of the two log-sum-exps, the weights are 1 / (1 + w) and w / (1 + w). One exp, one log1p.
-template <class S>
-void merge_into(S* out, S& lse, const S* part, S part_lse, Index dv) {
-  constexpr S kNegInf = -std::numeric_limits<S>::infinity();
-  if (part_lse == kNegInf) return;
-  if (lse == kNegInf) {  // nothing yet: take the part as it is
-    std::copy(part, part + dv, out);
-    lse = part_lse;
-    return;
-  }
-  const bool part_larger = part_lse > lse;
-  const S w = std::exp(part_larger ? lse - part_lse : part_lse - lse), big = S(1) / (S(1) + w), small = w * big;
-  const S a = part_larger ? small : big, b = part_larger ? big : small;
-  for (Index c = 0; c < dv; ++c) out[c] = a * out[c] + b * part[c];
-  lse = std::max(lse, part_lse) + std::log1p(w);
-}
-
 template <class S>
 void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
                  const SparsePattern& pattern, const AttentionOptions& options, const AttentionOutput<S>& out) {

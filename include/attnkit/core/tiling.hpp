@@ -211,32 +211,36 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   parallel_for(tiles, o.threads, make_workspace, run_tile);
 }
 
+/// Folds a partial result (part, part_lse) over more keys into (out, lse), both normalised over their own keys: with
+/// w = exp(min - max) of the two log-sum-exps, the weights are 1 / (1 + w) and w / (1 + w). One exp, one log1p.
+template <class S>
+void merge_into(S* out, S& lse, const S* part, S part_lse, Index dv) {
+  constexpr S kNegInf = -std::numeric_limits<S>::infinity();
+  if (part_lse == kNegInf) return;
+  if (lse == kNegInf) {  // nothing yet: take the part as it is
+    std::copy(part, part + dv, out);
+    lse = part_lse;
+    return;
+  }
+  const bool part_larger = part_lse > lse;
+  const S w = std::exp(part_larger ? lse - part_lse : part_lse - lse), big = S(1) / (S(1) + w), small = w * big;
+  const S a = part_larger ? small : big, b = part_larger ? big : small;
+  for (Index c = 0; c < dv; ++c) out[c] = a * out[c] + b * part[c];
+  lse = std::max(lse, part_lse) + std::log1p(w);
+}
+
 /// Combines attention computed separately over `parts` disjoint key ranges into attention over their union, row by
-/// row: with partial outputs o_p (normalised over range p) and log-sum-exps l_p, l = log sum_p exp(l_p) and
-/// o = sum_p exp(l_p - l) o_p. Part p of row i is at outputs + (p * rows + i) * dv and lses[p * rows + i]. Rows with
-/// no key in any range get zeros (and lse -inf).
+/// row, folding the parts in order with merge_into. Part p of row i is at outputs + (p * rows + i) * dv and
+/// lses[p * rows + i]. Rows with no key in any range get zeros (and lse -inf).
 template <class S>
 void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, Index dv,
                       const AttentionOutput<S>& out) {
   for (Index i = 0; i < rows; ++i) {
-    SoftmaxState<S> total;
-    for (Index p = 0; p < parts; ++p) total.max = std::max(total.max, lses[p * rows + i]);
     S* dst = out.row(i);
     std::fill(dst, dst + dv, S(0));
-    if (total.max == -std::numeric_limits<S>::infinity()) {
-      if (out.lse) out.lse[i * out.lse_stride] = total.max;
-      continue;
-    }
-    for (Index p = 0; p < parts; ++p) {
-      const S l = lses[p * rows + i];
-      if (l == -std::numeric_limits<S>::infinity()) continue;
-      const S w = std::exp(l - total.max);
-      total.sum += w;
-      const S* part = outputs + (p * rows + i) * dv;
-      for (Index c = 0; c < dv; ++c) dst[c] += w * part[c];
-    }
-    for (Index c = 0; c < dv; ++c) dst[c] *= total.inverse_sum();
-    if (out.lse) out.lse[i * out.lse_stride] = total.log_sum_exp();
+    S lse = -std::numeric_limits<S>::infinity();
+    for (Index p = 0; p < parts; ++p) merge_into(dst, lse, outputs + (p * rows + i) * dv, lses[p * rows + i], dv);
+    if (out.lse) out.lse[i * out.lse_stride] = lse;
   }
 }
 

@@ -47,11 +47,7 @@ void BM_Linear(benchmark::State& state) {
       else
         linear_attention(q, k, v, out, map, o);
     };
-    const int64_t heap = measure_peak_heap(call);
-    for (auto _ : state) {
-      call();
-      benchmark::ClobberMemory();
-    }
+    const int64_t heap = run_timed(state, call);
     state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
   });
   state.SetLabel(kMapNames[id]);
@@ -66,11 +62,7 @@ void BM_Exact(benchmark::State& state) {
   AttentionOptions o;
   o.causal = state.range(0) != 0;
   o.threads = int(state.range(2));
-  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(q, k, v, out, o); });
-  for (auto _ : state) {
-    scaled_dot_product_attention(q, k, v, out, o);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
 }
 

@@ -55,11 +55,7 @@ void BM_Fused(benchmark::State& state) {
   const int threads = int(state.range(3));
   const AttentionOptions o = options_of(p, threads);
   Matrix<float> out(p.n, p.d);
-  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(p.q, p.k, p.v, out, o); });
-  for (auto _ : state) {
-    scaled_dot_product_attention(p.q, p.k, p.v, out, o);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(p.q, p.k, p.v, out, o); });
   report(state, p.flops(), threads, heap);
   state.counters["workspace_MiB"] =
       double(threads * scaled_dot_product_attention_workspace_bytes<float>(p.n, p.n, p.d, p.d, o)) / (1 << 20);
@@ -96,11 +92,7 @@ void BM_Decode(benchmark::State& state) {
   Matrix<float> out(1, d);
   AttentionOptions o;
   o.threads = int(state.range(2));
-  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(q, k, v, out, o); });
-  for (auto _ : state) {
-    scaled_dot_product_attention(q, k, v, out, o);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(m), d, d), o.threads, heap);
   state.counters["KV_GBps"] =
       benchmark::Counter(2.0 * double(m * d) * sizeof(float) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);

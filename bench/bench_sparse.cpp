@@ -61,11 +61,7 @@ void BM_Sparse(benchmark::State& state) {
   Matrix<float> out(n, kD);
   AttentionOptions o;
   o.threads = int(state.range(2));
-  const int64_t heap = measure_peak_heap([&] { sparse_attention(q, k, v, out, p, o); });
-  for (auto _ : state) {
-    sparse_attention(q, k, v, out, p, o);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { sparse_attention(q, k, v, out, p, o); });
   const double pairs = allowed_pairs(p, n);
   report(state, attention_flops(pairs, kD, kD), o.threads, heap);
   state.counters["keys_per_query"] = pairs / double(n);
@@ -79,11 +75,7 @@ void BM_Dense(benchmark::State& state) {
   Matrix<float> out(n, kD);
   AttentionOptions o;
   o.threads = int(state.range(1));
-  const int64_t heap = measure_peak_heap([&] { scaled_dot_product_attention(q, k, v, out, o); });
-  for (auto _ : state) {
-    scaled_dot_product_attention(q, k, v, out, o);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(n) * double(n), kD, kD), o.threads, heap);
   state.counters["keys_per_query"] = double(n);
 }

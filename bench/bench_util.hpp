@@ -62,6 +62,17 @@ inline void report(benchmark::State& state, double flops, int threads, int64_t h
   state.counters["heap_MiB"] = double(heap_bytes) / (1024.0 * 1024.0);
 }
 
+/// Measures the peak heap of one `call`, then times it in the benchmark loop; returns the heap bytes.
+template <class F>
+int64_t run_timed(benchmark::State& state, const F& call) {
+  const int64_t heap = measure_peak_heap(call);
+  for (auto _ : state) {
+    call();
+    benchmark::ClobberMemory();
+  }
+  return heap;
+}
+
 template <class S>
 Matrix<S> random_matrix(Index rows, Index cols, unsigned seed) {
   std::mt19937 gen(seed);

@@ -28,6 +28,7 @@
 #include "core/error.hpp"
 #include "core/microkernel.hpp"
 #include "core/options.hpp"
+#include "core/random.hpp"
 #include "core/threading.hpp"
 #include "core/types.hpp"
 #include "core/view.hpp"
@@ -121,24 +122,14 @@ class PerformerFeatures {
 
   /// Draws a new W from `seed`.
   void redraw(std::uint64_t seed) {
-    std::uint64_t state = seed;
-    const auto uniform = [&state] {  // SplitMix64 -> (0, 1)
-      std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-      z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-      z ^= z >> 31;
-      return (double(z >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    };
-    const auto normal = [&uniform] {
-      return std::sqrt(-2.0 * std::log(uniform())) * std::cos(6.283185307179586 * uniform());
-    };
+    detail::Rng rng(seed);
     Eigen::MatrixXd w(m_, d_);
-    for (Index i = 0; i < w.size(); ++i) w.data()[i] = normal();
+    for (Index i = 0; i < w.size(); ++i) w.data()[i] = rng.normal();
     if (orthogonal_) {
       for (Index b0 = 0; b0 < m_; b0 += d_) {
         const Index rows = std::min(d_, m_ - b0);
         Eigen::MatrixXd g(d_, d_);
-        for (Index i = 0; i < g.size(); ++i) g.data()[i] = normal();
+        for (Index i = 0; i < g.size(); ++i) g.data()[i] = rng.normal();
         const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(g).householderQ();
         for (Index r = 0; r < rows; ++r) {
           double chi2 = 0;  // the norm of an independent Gaussian vector: chi with d degrees of freedom

@@ -5,13 +5,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <random>
 #include <vector>
 
 #include "core/dense.hpp"
 #include "core/error.hpp"
 #include "core/options.hpp"
 #include "core/positions.hpp"
+#include "core/random.hpp"
 #include "core/threading.hpp"
 #include "core/types.hpp"
 #include "sdpa.hpp"
@@ -192,11 +192,11 @@ class MultiHeadAttention {
   /// inconsistent configuration (H % H_kv != 0, width not divisible by H without head_dim, odd d_head with RoPE, ...).
   explicit MultiHeadAttention(const MultiHeadConfig& config, std::uint64_t seed = 0) : c_(resolve(config)) {
     const Index qw = c_.heads * c_.head_dim, kvw = c_.kv_heads * c_.head_dim;
-    std::mt19937_64 gen(seed);
-    w_q = xavier(c_.width, qw, gen);
-    w_k = xavier(c_.key_width, kvw, gen);
-    w_v = xavier(c_.value_width, kvw, gen);
-    if (c_.output_projection) w_o = xavier(qw, c_.width, gen);
+    detail::Rng rng(seed);
+    w_q = detail::xavier_uniform<S>(c_.width, qw, rng);
+    w_k = detail::xavier_uniform<S>(c_.key_width, kvw, rng);
+    w_v = detail::xavier_uniform<S>(c_.value_width, kvw, rng);
+    if (c_.output_projection) w_o = detail::xavier_uniform<S>(qw, c_.width, rng);
     if (c_.projection_bias) b_q.setZero(1, qw), b_k.setZero(1, kvw), b_v.setZero(1, kvw);
     if (c_.output_bias) b_o.setZero(1, c_.width);
     if (c_.alibi) slopes_ = alibi_slopes(c_.heads);
@@ -342,14 +342,6 @@ class MultiHeadAttention {
       detail::fail(kWhere, "config.rope_options.base must be finite and > 1, got ", c.rope_options.base);
     if (c.output_bias && !c.output_projection) detail::fail(kWhere, "config.output_bias needs output_projection");
     return c;
-  }
-
-  static Matrix<S> xavier(Index fan_in, Index fan_out, std::mt19937_64& gen) {
-    const double limit = std::sqrt(6.0 / double(fan_in + fan_out));
-    std::uniform_real_distribution<double> dist(-limit, limit);
-    Matrix<S> w(fan_in, fan_out);
-    for (Index i = 0; i < w.size(); ++i) w.data()[i] = static_cast<S>(dist(gen));
-    return w;
   }
 
   void check_weight(const char* where, const char* name, const Matrix<S>& w, Index rows, Index cols) const {

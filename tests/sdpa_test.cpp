@@ -257,6 +257,24 @@ TYPED_TEST(SdpaTest, NanInMaskedKeysAndValuesNeverLeaks) {
   }
 }
 
+TYPED_TEST(SdpaTest, NanInAQueryReachesItsRowOnly) {
+  using S = TypeParam;
+  const Index n = 40, m = 600, d = 16;
+  Matrix<S> q = random_matrix<S>(n, d, 1);
+  const Matrix<S> k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, d, 3);
+  const Matrix<S> clean = scaled_dot_product_attention(q, k, v);
+  q(7, 2) = std::numeric_limits<S>::quiet_NaN();  // every logit of row 7 is NaN: not a row with no allowed key
+  Matrix<S> out(n, d);
+  Vector<S> lse(n);
+  scaled_dot_product_attention(q, k, v, out, lse);
+  EXPECT_TRUE(out.row(7).array().isNaN().all());
+  EXPECT_TRUE(std::isnan(lse(7)));
+  EXPECT_EQ(out.topRows(7), clean.topRows(7));
+  EXPECT_EQ(out.bottomRows(n - 8), clean.bottomRows(n - 8));
+  // Split-K decoding (one query over many keys) merges the NaN row's parts into NaN too.
+  EXPECT_TRUE(scaled_dot_product_attention(q.row(7), k, v).array().isNaN().all());
+}
+
 TYPED_TEST(SdpaTest, BitIdenticalForAnyThreadCount) {
   using S = TypeParam;
   const Matrix<S> q = random_matrix<S>(300, 64, 1), k = random_matrix<S>(1000, 64, 2);

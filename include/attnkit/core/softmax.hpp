@@ -14,10 +14,10 @@ struct SoftmaxState {
   S max = -std::numeric_limits<S>::infinity();
   S sum = 0;
 
-  /// log-sum-exp of the row; -inf when no key was allowed.
-  S log_sum_exp() const { return sum > 0 ? max + std::log(sum) : -std::numeric_limits<S>::infinity(); }
-  /// 1 / sum, or 0 for a row with no allowed key, so such rows output zeros rather than NaN.
-  S inverse_sum() const { return sum > 0 ? S(1) / sum : S(0); }
+  /// log-sum-exp of the row; -inf when no key was allowed, NaN when a logit was NaN.
+  S log_sum_exp() const { return sum == S(0) ? -std::numeric_limits<S>::infinity() : max + std::log(sum); }
+  /// 1 / sum, or 0 for a row with no allowed key, so such rows output zeros rather than NaN (NaN stays NaN).
+  S inverse_sum() const { return sum == S(0) ? S(0) : S(1) / sum; }
 };
 
 /// x[c] = exp(x[c] - shift) for c < count, returning the sum. A -inf logit (masked) becomes exactly 0: a vectorised
@@ -49,13 +49,19 @@ S exp_shifted_sum(S* x, Index count, S shift) {
 /// One step of the online softmax (Milakov & Gimelshein 2018; FlashAttention): takes the next logits of the row
 /// (masked ones are -inf), overwrites them with exp(s - m_new), folds their sum into `state`, and returns the factor
 /// exp(m_old - m_new) by which the caller must rescale its accumulated output. A row whose keys so far are all masked
-/// gets zeros and factor 1: exp(-inf - -inf) is never evaluated.
+/// gets zeros and factor 1: exp(-inf - -inf) is never evaluated. A NaN logit makes the whole row's result NaN.
 template <class S>
 S online_softmax_step(S* logits, Index count, SoftmaxState<S>& state) {
   Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>> row(logits, count);
   const S tile_max = count > 0 ? row.maxCoeff() : -std::numeric_limits<S>::infinity();
   const S new_max = std::max(state.max, tile_max);
   if (new_max == -std::numeric_limits<S>::infinity()) {
+    // No allowed key so far, or NaN logits (std::max drops a NaN): NaN must reach the output, not turn into zeros.
+    if (row.isNaN().any()) {
+      row.setConstant(std::numeric_limits<S>::quiet_NaN());
+      state.max = state.sum = std::numeric_limits<S>::quiet_NaN();
+      return state.sum;
+    }
     row.setZero();
     return S(1);
   }

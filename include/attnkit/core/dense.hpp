@@ -4,7 +4,10 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
+#include <vector>
 
+#include "mask.hpp"
 #include "microkernel.hpp"
 #include "threading.hpp"
 #include "types.hpp"
@@ -12,29 +15,46 @@
 
 namespace attnkit::detail {
 
-/// y (n x c, resized) = x (n x k, any strides) * w (k x c, row-major) + b (1 x c, or empty), in parallel over tasks
-/// of (kDenseRows rows) x (kDenseCols columns). A block of at least kRows rows runs the micro-kernel (w read in place
-/// when its rows are whole packets, otherwise packed once per call); fewer rows, as when decoding a token, stream the
-/// rows of w instead (y_r += x_rk w_k). Which path and which blocks depend on the shapes only, never on the thread
-/// count, and every output element is one pass over k in order, so the result is the same for any thread count.
-template <class S>
-void dense(const StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
+/// Every row of x may be non-zero over its whole depth (a plain product).
+struct FullDepth {
+  KeyRange operator()(Index /*r0*/, Index /*rows*/) const { return KeyRange::all(); }
+};
+
+/// y (n x c at row stride y_stride) = x (n x k, any strides) * w (k x c, rows contiguous) + b (1 x c, or empty), in
+/// parallel over tasks of (kDenseRows rows) x (kDenseCols columns). A block of at least kRows rows runs the
+/// micro-kernel (w read in place when its rows are whole packets, otherwise packed once per call); fewer rows, as when
+/// decoding a token, stream the rows of w instead (y_r += x_rk w_k). Which path and which blocks depend on the shapes
+/// only, never on the thread count, and every output element is one pass over k in order, so the result is the same
+/// for any thread count.
+///
+/// `row_depth(r0, rows)` may say that rows [r0, r0 + rows) of x are zero outside a range of columns (attention
+/// probabilities under a causal or banded mask): the product then skips the rest of the depth, and skips zeros inside
+/// it, so a NaN or Inf in a row of w that those rows cannot see never reaches them.
+template <class S, class RowDepth = FullDepth>
+void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b, S* y, Index y_stride, int threads,
+           const RowDepth& row_depth = {}) {
   using K = KernelShape<S>;
+  constexpr bool kLimited = !std::is_same_v<RowDepth, FullDepth>;
   constexpr Index kDenseRows = 16 * K::kRows, kDenseCols = 8 * K::kCols;
-  const Index n = x.rows, depth = w.rows(), cols = w.cols();
-  y.resize(n, cols);
+  constexpr Index kStrips = kDenseRows / K::kRows;
+  const Index n = x.rows, depth = w.rows, cols = w.cols;
   if (n == 0 || cols == 0) return;
   const Index row_blocks = (n + kDenseRows - 1) / kDenseRows, col_blocks = (cols + kDenseCols - 1) / kDenseCols;
   Eigen::Matrix<S, Eigen::Dynamic, 1> packed_w;
-  RhsPanels<S> rhs{w.data(), K::kCols, cols};
-  if (cols % K::kPacket != 0 && n >= K::kRows) {
+  RhsPanels<S> rhs{w.data, K::kCols, w.row_stride};
+  if ((cols % K::kPacket != 0 || !w.row_contiguous()) && n >= K::kRows) {
     const Index cols_pad = round_up(cols, K::kPacket);
     packed_w.resize(round_up(cols_pad, K::kCols) * depth);
-    pack_rows(StridedView<S>{w.data(), depth, cols, cols, 1}, 0, depth, cols_pad, packed_w.data());
+    pack_rows(w, 0, depth, cols_pad, packed_w.data());
     rhs = {packed_w.data(), depth * K::kCols, 0};
   }
+  const auto depth_of = [&](Index r0, Index rows) {
+    const KeyRange r = intersect(row_depth(r0, rows), {0, depth});
+    return r.empty() ? KeyRange{0, 0} : r;
+  };
   struct Scratch {
     Eigen::Matrix<S, Eigen::Dynamic, 1> a, c;
+    KeyRange strips[kStrips];
   };
   parallel_for(
       row_blocks * col_blocks, threads,
@@ -48,12 +68,20 @@ void dense(const StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matr
         const Index r0 = task / col_blocks * kDenseRows, rows = std::min(kDenseRows, n - r0);
         const Index c0 = task % col_blocks * kDenseCols, width = std::min(kDenseCols, cols - c0);
         const Index width_pad = round_up(width, K::kPacket);
+        const auto bias = [&](Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out) {
+          if (b.size() > 0) out += b.row(0).segment(c0, width);
+        };
         if (rows < K::kRows) {
           for (Index r = 0; r < rows; ++r) {
-            auto out = y.row(r0 + r).segment(c0, width);
+            Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out(y + (r0 + r) * y_stride + c0, width);
             out.setZero();
-            for (Index k = 0; k < depth; ++k) out += x(r0 + r, k) * w.row(k).segment(c0, width);
-            if (b.size() > 0) out += b.row(0).segment(c0, width);
+            const KeyRange ks = depth_of(r0 + r, 1);
+            for (Index k = ks.begin; k < ks.end; ++k) {
+              const S xk = x(r0 + r, k);
+              if (kLimited && xk == S(0)) continue;
+              out += xk * Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(w.row(k) + c0, width);
+            }
+            bias(out);
           }
           return;
         }
@@ -65,13 +93,26 @@ void dense(const StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matr
           a = s.a.data(), lda = depth;
         }
         const RhsPanels<S> panels{rhs.data + c0 / K::kCols * rhs.panel_stride, rhs.panel_stride, rhs.row_stride};
-        tile_product<S, false>(a, lda, rows, panels, depth, width_pad, s.c.data(), width_pad, nullptr);
+        if constexpr (kLimited) {
+          for (Index r = 0, t = 0; r < rows; r += K::kRows, ++t) s.strips[t] = depth_of(r0 + r, std::min<Index>(K::kRows, rows - r));
+          tile_product<S, true>(a, lda, rows, panels, depth, width_pad, s.c.data(), width_pad, nullptr,
+                                {nullptr, s.strips});
+        } else {
+          tile_product<S, false>(a, lda, rows, panels, depth, width_pad, s.c.data(), width_pad, nullptr);
+        }
         for (Index r = 0; r < rows; ++r) {
-          auto out = y.row(r0 + r).segment(c0, width);
+          Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out(y + (r0 + r) * y_stride + c0, width);
           out = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(s.c.data() + r * width_pad, width);
-          if (b.size() > 0) out += b.row(0).segment(c0, width);
+          bias(out);
         }
       });
+}
+
+/// y (resized to n x c) = x * w + b for a whole row-major w: the projections of every layer.
+template <class S>
+void dense(const StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
+  y.resize(x.rows, w.cols());
+  dense(x, StridedView<S>{w.data(), w.rows(), w.cols(), w.cols(), 1}, b, y.data(), y.cols(), threads);
 }
 
 }  // namespace attnkit::detail

@@ -10,3 +10,4 @@
 #include "reference.hpp"
 #include "sdpa.hpp"
 #include "sparse.hpp"
+#include "synthesizer.hpp"

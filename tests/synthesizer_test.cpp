@@ -13,14 +13,10 @@ namespace attnkit {
 namespace {
 
 using testing::all_close;
+using testing::as_double;
 using testing::expect_error;
 using testing::MatD;
 using testing::random_matrix;
-
-template <class S>
-MatD dbl(const Matrix<S>& m) {
-  return m.template cast<double>();
-}
 
 // ---- logits of head h over the first n tokens, straight from SPEC section 4 ----
 
@@ -46,15 +42,15 @@ MatD dense_logits(const DenseSynthesizerWeights<S>& w, const SynthesizerConfig& 
 
 template <class S>
 MatD random_logits(const RandomSynthesizerWeights<S>& w, const SynthesizerConfig& c, const MatD& x, Index h) {
-  return dbl(w.r).block(h * c.max_length, 0, x.rows(), x.rows());
+  return as_double(w.r).block(h * c.max_length, 0, x.rows(), x.rows());
 }
 
 template <class S>
 MatD factorized_dense_logits(const FactorizedDenseSynthesizerWeights<S>& w, const SynthesizerConfig& c, const MatD& x,
                              Index h) {
   const Index n = x.rows(), a = c.a, bb = c.b;
-  const MatD A = (x * dbl(w.w_a).middleCols(h * a, a)).rowwise() + dbl(w.b_a).row(0).segment(h * a, a);
-  const MatD C = (x * dbl(w.w_b).middleCols(h * bb, bb)).rowwise() + dbl(w.b_b).row(0).segment(h * bb, bb);
+  const MatD A = (x * as_double(w.w_a).middleCols(h * a, a)).rowwise() + as_double(w.b_a).row(0).segment(h * a, a);
+  const MatD C = (x * as_double(w.w_b).middleCols(h * bb, bb)).rowwise() + as_double(w.b_b).row(0).segment(h * bb, bb);
   MatD b(n, n);
   for (Index i = 0; i < n; ++i)
     for (Index j = 0; j < n; ++j) b(i, j) = A(i, j % a) * C(i, j % bb);  // A tiled b times .* C tiled a times
@@ -65,7 +61,7 @@ template <class S>
 MatD factorized_random_logits(const FactorizedRandomSynthesizerWeights<S>& w, const SynthesizerConfig& c,
                               const MatD& x, Index h) {
   const Index n = x.rows(), l = c.max_length;
-  return dbl(w.r1).middleRows(h * l, n) * dbl(w.r2).middleRows(h * l, n).transpose();
+  return as_double(w.r1).middleRows(h * l, n) * as_double(w.r2).middleRows(h * l, n).transpose();
 }
 
 template <class S>
@@ -73,7 +69,7 @@ MatD dot_product_logits(const DotProductWeights<S>& w, const SynthesizerConfig& 
                         const AttentionOptions& o) {
   const Index dh = c.width / c.heads;
   const double scale = o.scale > 0 ? o.scale : 1 / std::sqrt(double(dh));
-  return scale * (x * dbl(w.w_q).middleCols(h * dh, dh)) * (x * dbl(w.w_k).middleCols(h * dh, dh)).transpose();
+  return scale * (x * as_double(w.w_q).middleCols(h * dh, dh)) * (x * as_double(w.w_k).middleCols(h * dh, dh)).transpose();
 }
 
 /// softmax over the allowed keys of scale-free logits b: log-n factor, softcap, ALiBi, causal / window / padding.
@@ -139,7 +135,7 @@ std::vector<MatD> layer_logits(const FactorizedRandomSynthesizer<S>& l, const Ma
 template <class S>
 std::vector<MatD> layer_logits(const MixtureSynthesizer<S>& l, const MatD& x, const AttentionOptions& o) {
   // alpha = softmax(mixture_logits), computed here
-  const Eigen::VectorXd z = dbl(l.mixture_logits).row(0).transpose();
+  const Eigen::VectorXd z = as_double(l.mixture_logits).row(0).transpose();
   const Eigen::VectorXd e = (z.array() - z.maxCoeff()).exp().matrix();
   const Eigen::VectorXd alpha = e / e.sum();
   const SynthesizerConfig& c = l.config();
@@ -166,14 +162,14 @@ template <class Layer>
 MatD reference_forward(const Layer& layer, const MatD& x, const AttentionOptions& o) {
   const SynthesizerConfig& c = layer.config();
   const Index dh = c.width / c.heads;
-  MatD g = x * dbl(layer.w_v);
-  if (layer.b_v.size() > 0) g.rowwise() += dbl(layer.b_v).row(0);
+  MatD g = x * as_double(layer.w_v);
+  if (layer.b_v.size() > 0) g.rowwise() += as_double(layer.b_v).row(0);
   MatD y(x.rows(), c.width);
   const std::vector<MatD> b = layer_logits(layer, x, o);
   for (Index h = 0; h < c.heads; ++h) y.middleCols(h * dh, dh) = probabilities(b[size_t(h)], o) * g.middleCols(h * dh, dh);
   if (layer.w_o.size() == 0) return y;
-  MatD out = y * dbl(layer.w_o);
-  if (layer.b_o.size() > 0) out.rowwise() += dbl(layer.b_o).row(0);
+  MatD out = y * as_double(layer.w_o);
+  if (layer.b_o.size() > 0) out.rowwise() += as_double(layer.b_o).row(0);
   return out;
 }
 
@@ -233,7 +229,7 @@ TYPED_TEST(SynthesizerTest, EveryVariantMatchesTheReference) {
         for_each_variant<S>(c, [&](const auto& layer, const char* name) {
           SCOPED_TRACE(::testing::Message() << name << ", n = " << n << ", l = " << c.max_length << ", H = "
                                             << c.heads << ", causal = " << causal);
-          const MatD expected = reference_forward(layer, dbl(x), o);
+          const MatD expected = reference_forward(layer, as_double(x), o);
           EXPECT_TRUE(all_close(layer.forward(x, o), expected, tolerance<S>()));
           EXPECT_TRUE(all_close(layer.forward(x, o), expected, tolerance<S>()));  // again, from the kept cache
         });
@@ -257,7 +253,7 @@ TYPED_TEST(SynthesizerTest, OptionsMatchTheReference) {
   for (size_t t = 0; t < cases.size(); ++t)
     for_each_variant<S>(c, [&](const auto& layer, const char* name) {
       SCOPED_TRACE(::testing::Message() << name << ", options case " << t);
-      EXPECT_TRUE(all_close(layer.forward(x, cases[t]), reference_forward(layer, dbl(x), cases[t]), tolerance<S>()));
+      EXPECT_TRUE(all_close(layer.forward(x, cases[t]), reference_forward(layer, as_double(x), cases[t]), tolerance<S>()));
     });
 }
 
@@ -270,7 +266,7 @@ TYPED_TEST(SynthesizerTest, AttentionWeightsAreTheSoftmaxOfTheLogits) {
   for_each_variant<S>(c, [&](const auto& layer, const char* name) {
     SCOPED_TRACE(name);
     const std::vector<Matrix<S>> weights = layer.attention_weights(x, o);
-    const std::vector<MatD> logits = layer_logits(layer, dbl(x), o);
+    const std::vector<MatD> logits = layer_logits(layer, as_double(x), o);
     ASSERT_EQ(weights.size(), size_t(c.heads));
     for (Index h = 0; h < c.heads; ++h) {
       EXPECT_TRUE(all_close(weights[size_t(h)], probabilities(logits[size_t(h)], o), tolerance<S>()));
@@ -305,17 +301,17 @@ TYPED_TEST(SynthesizerTest, KeptProbabilitiesFollowLengthOptionsAndWeights) {
   for (Index n : {9, 5, 9, 21}) {
     const Matrix<S> x = random_matrix<S>(n, c.width, unsigned(n));
     for (const AttentionOptions& o : {AttentionOptions{}, causal, AttentionOptions{}})
-      EXPECT_TRUE(all_close(layer.forward(x, o), reference_forward(layer, dbl(x), o), tolerance<S>()));
+      EXPECT_TRUE(all_close(layer.forward(x, o), reference_forward(layer, as_double(x), o), tolerance<S>()));
   }
   const Matrix<S> x = random_matrix<S>(9, c.width, 7);
   const Matrix<S> before = layer.forward(x);
   layer.r *= S(3);
   layer.weights_changed();
   const Matrix<S> after = layer.forward(x);
-  EXPECT_TRUE(all_close(after, reference_forward(layer, dbl(x), {}), tolerance<S>()));
+  EXPECT_TRUE(all_close(after, reference_forward(layer, as_double(x), {}), tolerance<S>()));
   EXPECT_GT((after - before).norm(), 1e-3);
   const RandomSynthesizer<S> copy = layer;  // copies weights, not the kept probabilities
-  EXPECT_TRUE(all_close(copy.forward(x), dbl(after), tolerance<S>()));
+  EXPECT_TRUE(all_close(copy.forward(x), as_double(after), tolerance<S>()));
 }
 
 TYPED_TEST(SynthesizerTest, MixtureWithOneHotWeightsEqualsThatComponent) {
@@ -338,32 +334,32 @@ TYPED_TEST(SynthesizerTest, MixtureWithOneHotWeightsEqualsThatComponent) {
   static_cast<DenseSynthesizerWeights<S>&>(dense) = *mixture.dense;
   same_projections(dense);
   one_hot(0);
-  EXPECT_TRUE(all_close(mixture.forward(x, o), dbl(dense.forward(x, o)), tolerance<S>()));
+  EXPECT_TRUE(all_close(mixture.forward(x, o), as_double(dense.forward(x, o)), tolerance<S>()));
   RandomSynthesizer<S> random(c, 1);
   static_cast<RandomSynthesizerWeights<S>&>(random) = *mixture.random;
   same_projections(random);
   one_hot(1);
-  EXPECT_TRUE(all_close(mixture.forward(x, o), dbl(random.forward(x, o)), tolerance<S>()));
+  EXPECT_TRUE(all_close(mixture.forward(x, o), as_double(random.forward(x, o)), tolerance<S>()));
   FactorizedDenseSynthesizer<S> fd(c, 1);
   static_cast<FactorizedDenseSynthesizerWeights<S>&>(fd) = *mixture.factorized_dense;
   same_projections(fd);
   one_hot(2);
-  EXPECT_TRUE(all_close(mixture.forward(x, o), dbl(fd.forward(x, o)), tolerance<S>()));
+  EXPECT_TRUE(all_close(mixture.forward(x, o), as_double(fd.forward(x, o)), tolerance<S>()));
   FactorizedRandomSynthesizer<S> fr(c, 1);
   static_cast<FactorizedRandomSynthesizerWeights<S>&>(fr) = *mixture.factorized_random;
   same_projections(fr);
   one_hot(3);
-  EXPECT_TRUE(all_close(mixture.forward(x, o), dbl(fr.forward(x, o)), tolerance<S>()));
+  EXPECT_TRUE(all_close(mixture.forward(x, o), as_double(fr.forward(x, o)), tolerance<S>()));
   // The dot-product component alone is causal multi-head softmax(Q K^T / sqrt(d_head)) attention.
   one_hot(4);
   const Index dh = c.width / c.heads;
-  const MatD q = dbl(x) * dbl(mixture.dot_product->w_q), k = dbl(x) * dbl(mixture.dot_product->w_k);
-  const MatD g = (dbl(x) * dbl(mixture.w_v)).rowwise() + dbl(mixture.b_v).row(0);
+  const MatD q = as_double(x) * as_double(mixture.dot_product->w_q), k = as_double(x) * as_double(mixture.dot_product->w_k);
+  const MatD g = (as_double(x) * as_double(mixture.w_v)).rowwise() + as_double(mixture.b_v).row(0);
   MatD y(x.rows(), c.width);
   for (Index h = 0; h < c.heads; ++h)
     y.middleCols(h * dh, dh) =
         testing::naive_attention(q.middleCols(h * dh, dh), k.middleCols(h * dh, dh), g.middleCols(h * dh, dh), o).out;
-  const MatD expected = (y * dbl(mixture.w_o)).rowwise() + dbl(mixture.b_o).row(0);
+  const MatD expected = (y * as_double(mixture.w_o)).rowwise() + as_double(mixture.b_o).row(0);
   EXPECT_TRUE(all_close(mixture.forward(x, o), expected, tolerance<S>()));
   EXPECT_EQ(mixture.mixture_weights()[4], 1.0);
 }
@@ -437,7 +433,7 @@ TYPED_TEST(SynthesizerTest, SameResultForAnyThreadCountAndConcurrentCalls) {
   for (size_t t = 0; t < results.size(); ++t) {
     AttentionOptions o;
     o.causal = t % 2 == 1;
-    EXPECT_TRUE(all_close(results[t], reference_forward(layer, dbl(Matrix<S>(x.topRows(Index(250 + t)))), o),
+    EXPECT_TRUE(all_close(results[t], reference_forward(layer, as_double(Matrix<S>(x.topRows(Index(250 + t)))), o),
                           tolerance<S>()));
   }
 }
@@ -468,7 +464,7 @@ TYPED_TEST(SynthesizerTest, WritesIntoACallersBuffer) {
   const Matrix<S> x = random_matrix<S>(11, c.width, 15);
   Matrix<S> big = Matrix<S>::Zero(20, 30);
   layer.forward_into(x, big.block(2, 3, 11, 12));
-  EXPECT_TRUE(all_close(big.block(2, 3, 11, 12), reference_forward(layer, dbl(x), {}), tolerance<S>()));
+  EXPECT_TRUE(all_close(big.block(2, 3, 11, 12), reference_forward(layer, as_double(x), {}), tolerance<S>()));
   EXPECT_TRUE(big.topRows(2).isZero());
   EXPECT_EQ(layer.forward(Matrix<S>(0, c.width)).rows(), 0);
 }

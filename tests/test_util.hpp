@@ -37,6 +37,12 @@ Matrix<S> random_matrix(Index rows, Index cols, unsigned seed, double scale = 1.
   return x;
 }
 
+/// A float or double matrix in double, for the references.
+template <class S>
+MatD as_double(const Matrix<S>& m) {
+  return m.template cast<double>();
+}
+
 /// Everything the loop oracle needs besides q, k, v: options plus the optional element-wise parts.
 struct NaiveExtras {
   const MatD* bias = nullptr;

@@ -5,6 +5,7 @@
 #include "core/options.hpp"
 #include "core/positions.hpp"
 #include "core/types.hpp"
+#include "gau.hpp"
 #include "linear.hpp"
 #include "multi_head.hpp"
 #include "reference.hpp"

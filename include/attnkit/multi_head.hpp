@@ -344,12 +344,6 @@ class MultiHeadAttention {
     return c;
   }
 
-  void check_weight(const char* where, const char* name, const Matrix<S>& w, Index rows, Index cols) const {
-    if (w.rows() != rows || w.cols() != cols)
-      detail::fail(where, name, " is ", detail::shape_str(w.rows(), w.cols()), " but the configuration needs ",
-                   detail::shape_str(rows, cols));
-  }
-
   template <class DQ, class DK, class DV>
   void check_inputs(const char* where, const Eigen::MatrixBase<DQ>& x_q, const Eigen::MatrixBase<DK>& x_k,
                     const Eigen::MatrixBase<DV>& x_v, const AttentionOptions& o, Index keys = -1) const {
@@ -357,14 +351,14 @@ class MultiHeadAttention {
                       std::is_same_v<typename DV::Scalar, S>,
                   "inputs must have the layer's scalar type");
     const Index qw = c_.heads * c_.head_dim, kvw = c_.kv_heads * c_.head_dim;
-    check_weight(where, "w_q", w_q, c_.width, qw);
-    check_weight(where, "w_k", w_k, c_.key_width, kvw);
-    check_weight(where, "w_v", w_v, c_.value_width, kvw);
-    check_weight(where, "w_o", w_o, c_.output_projection ? qw : 0, c_.output_projection ? c_.width : 0);
-    check_weight(where, "b_q", b_q, c_.projection_bias ? 1 : 0, c_.projection_bias ? qw : 0);
-    check_weight(where, "b_k", b_k, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
-    check_weight(where, "b_v", b_v, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
-    check_weight(where, "b_o", b_o, c_.output_bias ? 1 : 0, c_.output_bias ? c_.width : 0);
+    detail::check_shape(where, "w_q", w_q, c_.width, qw);
+    detail::check_shape(where, "w_k", w_k, c_.key_width, kvw);
+    detail::check_shape(where, "w_v", w_v, c_.value_width, kvw);
+    detail::check_shape(where, "w_o", w_o, c_.output_projection ? qw : 0, c_.output_projection ? c_.width : 0);
+    detail::check_shape(where, "b_q", b_q, c_.projection_bias ? 1 : 0, c_.projection_bias ? qw : 0);
+    detail::check_shape(where, "b_k", b_k, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
+    detail::check_shape(where, "b_v", b_v, c_.projection_bias ? 1 : 0, c_.projection_bias ? kvw : 0);
+    detail::check_shape(where, "b_o", b_o, c_.output_bias ? 1 : 0, c_.output_bias ? c_.width : 0);
     if (x_q.cols() != c_.width)
       detail::fail(where, "query input is ", detail::shape_str(x_q.rows(), x_q.cols()), " but needs width = ", c_.width,
                    " columns");

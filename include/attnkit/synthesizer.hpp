@@ -141,10 +141,13 @@ struct SynthesizedLogits {
       const S* ai = fa.data() + i * fa.cols() + h * a;
       const S* ci = fb.data() + i * fb.cols() + h * b;
       const S w = factor * factorized_weight;
-      for (Index c = 0, p = j0 % a, r = j0 % b; c < count; ++c) {
-        row[c] += w * ai[p] * ci[r];
-        if (++p == a) p = 0;
-        if (++r == b) r = 0;
+      // Runs of keys over which neither tiled index wraps are plain vector products.
+      for (Index c = 0, p = j0 % a, r = j0 % b; c < count;) {
+        const Index run = std::min({count - c, a - p, b - r});
+        out.segment(c, run) += w * ConstRow(ai + p, run) * ConstRow(ci + r, run);
+        c += run, p += run, r += run;
+        if (p == a) p = 0;
+        if (r == b) r = 0;
       }
     }
   }
@@ -184,7 +187,7 @@ void synthesized_probabilities(const SynthesizedLogits<S>& logits, Index h, cons
   if (n == 0) return;
   if (logits.rank > 0) {
     const Matrix<S> kt = logits.k.middleCols(h * logits.rank, logits.rank).transpose();
-    dense(logits.q_view(h), StridedView<S>{kt.data(), kt.rows(), kt.cols(), kt.cols(), 1}, Matrix<S>(), p, stride,
+    dense(logits.q_view(h), matrix_view(kt), Matrix<S>(), p, stride,
           threads);
   } else {
     for (Index i = 0; i < n; ++i) std::fill(p + i * stride, p + i * stride + n, S(0));
@@ -244,12 +247,6 @@ class ProbabilityCache {
   std::mutex mutex_;
   std::shared_ptr<const Entry> entry_;
 };
-
-template <class S>
-void check_shape(const char* where, const char* name, const Matrix<S>& w, Index rows, Index cols) {
-  if (w.rows() != rows || w.cols() != cols)
-    fail(where, name, " is ", shape_str(w.rows(), w.cols()), " but the configuration needs ", shape_str(rows, cols));
-}
 
 // Per kind of logits: initial weights, shape checks, SPEC's parameter count (all heads), and the logits of a forward.
 // x is the n x d input; `alpha` is the component's mixture weight (1 alone).
@@ -447,7 +444,7 @@ class SynthesizerLayer {
       return;
     }
     Matrix<S> y;
-    detail::dense(detail::StridedView<S>{concat.data(), n, c_.width, c_.width, 1}, w_o, b_o, y, threads);
+    detail::dense(detail::matrix_view(concat), w_o, b_o, y, threads);
     out = y;
   }
 

@@ -112,7 +112,7 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
 template <class S>
 void dense(const StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y, int threads) {
   y.resize(x.rows, w.cols());
-  dense(x, StridedView<S>{w.data(), w.rows(), w.cols(), w.cols(), 1}, b, y.data(), y.cols(), threads);
+  dense(x, matrix_view(w), b, y.data(), y.cols(), threads);
 }
 
 }  // namespace attnkit::detail

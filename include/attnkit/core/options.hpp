@@ -78,6 +78,13 @@ inline void check_out_shape(const char* where, Index rows, Index cols, Index n, 
     fail(where, "out is ", shape_str(rows, cols), " but must be n x d_v = ", shape_str(n, dv));
 }
 
+/// A layer's weight matrix must have the shape its configuration implies.
+template <class S>
+void check_shape(const char* where, const char* name, const Matrix<S>& w, Index rows, Index cols) {
+  if (w.rows() != rows || w.cols() != cols)
+    fail(where, name, " is ", shape_str(w.rows(), w.cols()), " but the configuration needs ", shape_str(rows, cols));
+}
+
 /// The logit scale: options.scale, or 1/sqrt(d_k) when it is 0.
 template <class S>
 S resolve_scale(const AttentionOptions& o, Index d_k) {

@@ -97,6 +97,21 @@ inline void prefetch_row(const S* p, Index count) {
 #endif
 }
 
+/// How the fused loop turns a row's logits into attention weights: the online softmax of SPEC section 1. step()
+/// overwrites the logits of the next keys of row i with their unnormalised weights and returns the factor by which the
+/// row's accumulated output must be rescaled; finish() returns the factor that normalises the row at the end.
+/// (GAU's squared-ReLU attention is another such policy: gau.hpp.)
+struct SoftmaxWeights {
+  template <class S>
+  S step(S* logits, Index count, SoftmaxState<S>& state) const {
+    return online_softmax_step(logits, count, state);
+  }
+  template <class S>
+  S finish(Index /*i*/, const SoftmaxState<S>& state) const {
+    return state.inverse_sum();
+  }
+};
+
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
 /// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
@@ -105,11 +120,12 @@ inline void prefetch_row(const S* p, Index count) {
 /// and acc = alpha .* acc + P V. Keys outside every row's range (padding, causal future) are never packed nor read.
 /// `keys` restricts the call to keys [keys.begin, keys.end) (split-K decoding); the output is then normalised over
 /// those keys alone and the log-sum-exp says how to merge it with other ranges (merge_key_ranges). With `workspace`,
-/// the query tiles run one after another on the caller's thread, in that workspace.
-template <class S, class Mask>
+/// the query tiles run one after another on the caller's thread, in that workspace. `weights` may replace the softmax
+/// (the log-sum-exp output is then meaningless and must not be asked for).
+template <class S, class Mask, class Weights = SoftmaxWeights>
 void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v, const Mask& mask,
                      S scale, const AttentionOptions& o, const AttentionOutput<S>& out, KeyRange keys = KeyRange::all(),
-                     AttentionWorkspace<S>* workspace = nullptr) {
+                     AttentionWorkspace<S>* workspace = nullptr, const Weights& weights = {}) {
   using K = KernelShape<S>;
   const Index n = q.rows, m = k.rows, d = q.cols, dv = v.cols;
   if (n == 0) return;
@@ -160,7 +176,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         S* row = ws.scores.data() + r * cols_pad;
         if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
         if (kind == TileKind::kFull) {
-          ws.alpha[r] = online_softmax_step(row, cols, ws.stats[r]);
+          ws.alpha[r] = weights.step(row, cols, ws.stats[r]);
           continue;
         }
         // Partial: the softmax runs over the row's own range only; the rest of its strip's keys get weight 0.
@@ -168,7 +184,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         const KeyRange strip = ws.strips[size_t(r / K::kRows)];
         const KeyRange g = intersect(ws.ranges[r], {j0, j0 + cols});
         const Index lo = g.empty() ? strip.begin : g.begin - j0, hi = g.empty() ? strip.begin : g.end - j0;
-        ws.alpha[r] = online_softmax_step(row + lo, hi - lo, ws.stats[r]);
+        ws.alpha[r] = weights.step(row + lo, hi - lo, ws.stats[r]);
         if (strip.begin < lo) std::fill(row + strip.begin, row + lo, S(0));
         if (hi < strip.end) std::fill(row + hi, row + strip.end, S(0));
       }
@@ -191,7 +207,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       for (Index j0 = span.begin; j0 < span.end; j0 += plan.cols) run_key_tile(j0, std::min(plan.cols, span.end - j0));
 
     for (Index r = 0; r < rows; ++r) {
-      const S inv = ws.stats[r].inverse_sum();
+      const S inv = weights.finish(i0 + r, ws.stats[r]);
       const S* a = ws.acc.data() + r * dv_pad;
       S* dst = out.row(i0 + r);
       for (Index c = 0; c < dv; ++c) dst[c] = a[c] * inv;

@@ -29,6 +29,12 @@ struct StridedView {
   bool row_contiguous() const { return col_stride == 1; }
 };
 
+/// A whole row-major matrix as a view.
+template <class S>
+StridedView<S> matrix_view(const Matrix<S>& x) {
+  return {x.data(), x.rows(), x.cols(), x.cols(), 1};
+}
+
 /// Binds to the storage of `x` when it has direct access (Matrix, Map, Ref, Block, any storage order), and
 /// otherwise evaluates the expression once into an owned row-major matrix. Keep it alive while the view is used.
 template <class Derived>

@@ -30,7 +30,7 @@ def load(results):
                 continue
             parts = b["run_name"].split("/")
             params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
-            for named in ("pattern", "map"):  # the name instead of its number
+            for named in ("pattern", "map", "kind"):  # the name instead of its number
                 if b.get("label") and named in params:
                     params[named] = b["label"]
             scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
@@ -38,6 +38,7 @@ def load(results):
                 "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
                 "ms": b["real_time"] * scale, "gflops": b.get("GFLOPs"), "pct_peak": b.get("pct_peak"),
                 "heap_mib": b.get("heap_MiB"), "workspace_mib": b.get("workspace_MiB"), "kv_gbps": b.get("KV_GBps"),
+                "kept_mib": b.get("kept_MiB"),
             })
     return rows, context
 
@@ -143,6 +144,31 @@ def linear_section(rows):
     return lines
 
 
+def synthesizer_section(rows):
+    """Per synthesizer variant, causal or not, and n: time and speed-up over MHA of the same width and heads."""
+    mha = {(r["params"]["causal"], int(r["params"]["n"])): r for r in rows
+           if r["family"] == "synthesizer" and r["variant"] == "Mha"}
+    synth = [r for r in rows if r["family"] == "synthesizer" and r["variant"] == "Synthesizer"]
+    if not synth or not mha:
+        return []
+    lines = ["", "## Synthesizer vs multi-head attention (d = 512, H = 8, l = 4096, one thread)", "",
+             "| variant | causal | n | time (ms) | MHA (ms) | speed-up over MHA | peak heap (MiB) | kept (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    slowest = defaultdict(lambda: float("inf"))
+    for r in sorted(synth, key=lambda r: (r["params"]["kind"], r["params"]["causal"], int(r["params"]["n"]))):
+        key = (r["params"]["causal"], int(r["params"]["n"]))
+        m = mha.get(key)
+        if not m:
+            continue
+        ratio = m["ms"] / r["ms"]
+        slowest[(r["params"]["kind"], r["params"]["causal"])] = min(slowest[(r["params"]["kind"], r["params"]["causal"])], ratio)
+        lines.append(f"| {r['params']['kind']} | {key[0]} | {key[1]} | {r['ms']:.3f} | {m['ms']:.3f} | {ratio:.2f}x | "
+                     f"{fmt(r['heap_mib'], 2)} | {fmt(r['kept_mib'], 1)} |")
+    lines += ["", "| variant | causal | smallest speed-up over MHA across n |", "|---|---|---:|"]
+    lines += [f"| {kind} | {causal} | {ratio:.2f}x |" for (kind, causal), ratio in sorted(slowest.items())]
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -160,6 +186,7 @@ def summary(rows, context, results):
                      f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} |")
     lines += sparse_section(rows)
     lines += linear_section(rows)
+    lines += synthesizer_section(rows)
     path = os.path.join(results, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -185,6 +212,7 @@ def main():
     for w in written:
         if w:
             print("wrote", w)
+    print("\n".join(synthesizer_section(rows)))
 
 
 if __name__ == "__main__":

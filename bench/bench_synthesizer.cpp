@@ -1,0 +1,116 @@
+// Synthesizer layers vs multi-head attention of the same width and heads: d = 512, H = 8, l = 4096, float, one
+// thread, n = 128 .. 4096. bench/plot.py prints each variant's speed-up over MHA at every n.
+//
+// FLOPs of a forward over n tokens (d_head = d / H; both layers project values and output, 4 n d^2):
+//   MHA               4 n d^2 more (Q, K) + 4 n^2 d          (Q K^T and P V)
+//   Dense             2 n d^2 H (hidden) + 2 n^2 d H + 2 n^2 d
+//   Random, Fact. R.  2 n^2 d                                (P V; P is kept, it does not depend on the input)
+//   Factorized Dense  2 n d (a + b) H + 2 n^2 d
+//   Mixture R + V     4 n d^2 + 4 n^2 d                      (Random plus dot-product logits)
+// Causal runs count the same FLOPs (the kernels skip the masked half, so their GFLOP/s doubles).
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench_util.hpp"
+
+namespace attnkit::bench {
+namespace {
+
+constexpr Index kWidth = 512, kHeads = 8, kLength = 4096;
+
+enum Kind { kDense, kRandom, kFactorizedDense, kFactorizedRandom, kMixture };
+const char* const kKindNames[] = {"dense", "random", "factorized_dense", "factorized_random", "mixture_random_vanilla"};
+
+SynthesizerConfig config() {
+  SynthesizerConfig c;
+  c.width = kWidth, c.max_length = kLength, c.heads = kHeads;
+  c.a = 64, c.b = 64, c.k = 8;
+  return c;
+}
+
+/// One layer per kind for the whole process: Random's R alone is H l^2 floats (512 MiB).
+const SynthesizerLayer<float>& layer(int kind) {
+  static std::unique_ptr<SynthesizerLayer<float>> layers[5];
+  std::unique_ptr<SynthesizerLayer<float>>& slot = layers[kind];
+  if (!slot) {
+    switch (kind) {
+      case kDense: slot = std::make_unique<DenseSynthesizer<float>>(config(), 1); break;
+      case kRandom: slot = std::make_unique<RandomSynthesizer<float>>(config(), 1); break;
+      case kFactorizedDense: slot = std::make_unique<FactorizedDenseSynthesizer<float>>(config(), 1); break;
+      case kFactorizedRandom: slot = std::make_unique<FactorizedRandomSynthesizer<float>>(config(), 1); break;
+      default:
+        slot = std::make_unique<MixtureSynthesizer<float>>(
+            config(), std::vector<SynthesizerKind>{SynthesizerKind::kRandom, SynthesizerKind::kDotProduct}, 1);
+    }
+  }
+  return *slot;
+}
+
+double synthesizer_flops(int kind, double n) {
+  const double d = double(kWidth), h = double(kHeads), projections = 4 * n * d * d, mix = 2 * n * n * d;
+  switch (kind) {
+    case kDense: return projections + 2 * n * d * d * h + 2 * n * n * d * h + mix;
+    case kFactorizedDense: return projections + 2 * n * d * 128 * h + mix;
+    case kMixture: return projections + 4 * n * d * d + 2 * mix;
+    default: return projections + mix;
+  }
+}
+
+void BM_Synthesizer(benchmark::State& state) {
+  const int kind = int(state.range(0));
+  const Index n = state.range(1);
+  AttentionOptions o;
+  o.causal = state.range(2) != 0;
+  o.threads = 1;
+  const SynthesizerLayer<float>& l = layer(kind);
+  const Matrix<float> x = random_matrix<float>(n, kWidth, 2);
+  Matrix<float> out(n, kWidth);
+  const auto call = [&] { l.forward_into(x, out, o); };
+  call();  // Random kinds compute and keep their probabilities here, once: the timed calls reuse them
+  report(state, synthesizer_flops(kind, double(n)), 1, run_timed(state, call));
+  // What a layer with input-independent logits keeps between calls: H n^2 probabilities.
+  state.counters["kept_MiB"] = l.depends_on_input() ? 0.0 : double(kHeads * n * n) * sizeof(float) / (1 << 20);
+  state.SetLabel(kKindNames[kind]);
+}
+
+void BM_Mha(benchmark::State& state) {
+  const Index n = state.range(0);
+  AttentionOptions o;
+  o.causal = state.range(1) != 0;
+  o.threads = 1;
+  MultiHeadConfig c;
+  c.width = kWidth, c.heads = kHeads;
+  static const MultiHeadAttention<float> mha(c, 1);
+  const Matrix<float> x = random_matrix<float>(n, kWidth, 2);
+  Matrix<float> out(n, kWidth);
+  const double d = double(kWidth), nn = double(n);
+  report(state, 8 * nn * d * d + 4 * nn * nn * d, 1, run_timed(state, [&] { mha.forward_into(x, out, o); }));
+}
+
+void lengths(benchmark::internal::Benchmark* b, bool with_kind) {
+  for (int kind = 0; kind < (with_kind ? 5 : 1); ++kind)
+    for (int causal : {0, 1})
+      for (Index n = 128; n <= kLength; n *= 2) {
+        if (with_kind)
+          b->Args({kind, n, causal});
+        else
+          b->Args({n, causal});
+      }
+}
+
+BENCHMARK(BM_Synthesizer)
+    ->ArgNames({"kind", "n", "causal"})
+    ->Apply([](benchmark::internal::Benchmark* b) { lengths(b, true); })
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_Mha)
+    ->ArgNames({"n", "causal"})
+    ->Apply([](benchmark::internal::Benchmark* b) { lengths(b, false); })
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+}  // namespace
+}  // namespace attnkit::bench
+
+ATTNKIT_BENCHMARK_MAIN()

@@ -6,7 +6,7 @@
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 PYTHON ?= /usr/bin/python3
 RESULTS := build/bench-results
-BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_synthesizer
+BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_synthesizer bench_gau
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 

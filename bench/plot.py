@@ -30,7 +30,7 @@ def load(results):
                 continue
             parts = b["run_name"].split("/")
             params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
-            for named in ("pattern", "map", "kind"):  # the name instead of its number
+            for named in ("pattern", "map", "kind", "norm"):  # the name instead of its number
                 if b.get("label") and named in params:
                     params[named] = b["label"]
             scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[b.get("time_unit", "ns")]
@@ -169,6 +169,36 @@ def synthesizer_section(rows):
     return lines
 
 
+def gau_section(rows):
+    """GAU and FLASH against MHA + FFN of the same parameter count: times, FLASH's growth and speed-up."""
+    gau = [r for r in rows if r["family"] == "gau"]
+    block = {(r["params"]["causal"], int(r["params"]["n"])): r for r in gau if r["variant"] == "MhaFfn"}
+    flash = {(r["params"]["causal"], int(r["params"]["n"])): r for r in gau if r["variant"] == "Flash"}
+    if not block or not flash:
+        return []
+    lines = ["", "## GAU and FLASH vs MHA + FFN of the same parameter count (d = 512, one thread)", "",
+             "| layer | causal | n | time (ms) | GFLOP/s | MHA + FFN (ms) | speed-up | peak heap (MiB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    def name(r):
+        return "FLASH" if r["variant"] == "Flash" else f"GAU {r['params']['norm']}"
+    for r in sorted((r for r in gau if r["variant"] != "MhaFfn"),
+                    key=lambda r: (name(r), r["params"]["causal"], int(r["params"]["n"]))):
+        key = (r["params"]["causal"], int(r["params"]["n"]))
+        b = block.get(key)
+        lines.append(f"| {name(r)} | {key[0]} | {key[1]} | {r['ms']:.3f} | {fmt(r['gflops'])} | "
+                     f"{b['ms']:.3f} | {b['ms'] / r['ms']:.2f}x | {fmt(r['heap_mib'], 2)} |" if b else
+                     f"| {name(r)} | {key[0]} | {key[1]} | {r['ms']:.3f} | {fmt(r['gflops'])} | | | |")
+    lines += ["", "| FLASH | time(16384) / time(1024) (linear = 16) | faster than MHA + FFN from n = |", "|---|---:|---:|"]
+    for causal in sorted({c for c, _ in flash}):
+        runs = {n: r for (c, n), r in flash.items() if c == causal}
+        growth = f"{runs[16384]['ms'] / runs[1024]['ms']:.1f}" if 1024 in runs and 16384 in runs else ""
+        faster = [n for n in sorted(runs) if (causal, n) in block and runs[n]["ms"] < block[(causal, n)]["ms"]]
+        # the first n from which FLASH stays faster at every larger n
+        first = next((n for n in sorted(runs) if all(m in faster for m in sorted(runs) if m >= n)), None)
+        lines.append(f"| causal={causal} | {growth} | {first if first else 'not reached'} |")
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -187,6 +217,7 @@ def summary(rows, context, results):
     lines += sparse_section(rows)
     lines += linear_section(rows)
     lines += synthesizer_section(rows)
+    lines += gau_section(rows)
     path = os.path.join(results, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -212,7 +243,7 @@ def main():
     for w in written:
         if w:
             print("wrote", w)
-    print("\n".join(synthesizer_section(rows)))
+    print("\n".join(synthesizer_section(rows) + gau_section(rows)))
 
 
 if __name__ == "__main__":

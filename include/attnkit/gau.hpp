@@ -174,10 +174,8 @@ class GatedLayerBase {
     if (out.rows() != x.rows() || out.cols() != c_.width)
       detail::fail(where.c_str(), "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x d = ",
                    detail::shape_str(x.rows(), c_.width));
-    const int threads = detail::resolve_threads(options.threads);
-    const detail::GatedProjections<S> p = project(x, threads);
-    Matrix<S> y = attend(p, options, threads);
-    gate_and_project(p.u, y, out, threads);
+    const detail::ViewOf<D> xv(x);
+    run(xv.view(), out.data(), out.outerStride(), options, detail::resolve_threads(options.threads));
   }
 
   /// \brief Every parameter: W_u, W_v (d e each), W_z (d s), W_o (e d), gamma and beta, and the biases.
@@ -203,8 +201,9 @@ class GatedLayerBase {
   virtual const char* name() const = 0;
   /// Options the layer does not support throw here.
   virtual void check_options(const char* where, Index n, const GauOptions& o) const = 0;
-  /// The n x e attention output before gating: A V (GAU), V_quad + V_lin (FLASH).
-  virtual Matrix<S> attend(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const = 0;
+  /// The forward over x (n x d) into out (n x d at row stride out_stride); x and the options are checked.
+  virtual void run(const detail::StridedView<S>& x, S* out, Index out_stride, const GauOptions& options,
+                   int threads) const = 0;
 
   template <class D>
   void check_input(const char* where, const Eigen::MatrixBase<D>& x, const GauOptions& o) const {
@@ -222,28 +221,31 @@ class GatedLayerBase {
     check_options(where, x.rows(), o);
   }
 
-  template <class D>
-  detail::GatedProjections<S> project(const Eigen::MatrixBase<D>& x, int threads) const {
-    const detail::ViewOf<D> xv(x);
+  /// y = phi(x w + b), SiLU.
+  static void activate(const detail::StridedView<S>& x, const Matrix<S>& w, const Matrix<S>& b, Matrix<S>& y,
+                       int threads) {
+    detail::dense(x, w, b, y, threads);
+    detail::silu(y);
+  }
+
+  detail::GatedProjections<S> project(const detail::StridedView<S>& x, int threads) const {
     detail::GatedProjections<S> p;
-    detail::dense(xv.view(), w_u, b_u, p.u, threads);
-    detail::dense(xv.view(), w_v, b_v, p.v, threads);
-    detail::dense(xv.view(), w_z, b_z, p.z, threads);
-    detail::silu(p.u), detail::silu(p.v), detail::silu(p.z);
+    activate(x, w_u, b_u, p.u, threads);
+    activate(x, w_v, b_v, p.v, threads);
+    activate(x, w_z, b_z, p.z, threads);
     return p;
   }
 
   /// Q or K of head h: Z .* gamma_h + beta_h.
-  Matrix<S> scale_offset(const Matrix<S>& z, Index h) const {
+  template <class D>
+  Matrix<S> scale_offset(const Eigen::MatrixBase<D>& z, Index h) const {
     return (z.array().rowwise() * gamma.row(h).array()).rowwise() + beta.row(h).array();
   }
 
-  /// (U .* y) W_o + b_o, into out (n x d).
-  void gate_and_project(const Matrix<S>& u, Matrix<S>& y, Eigen::Ref<Matrix<S>> out, int threads) const {
+  /// (U .* y) W_o + b_o, into out (rows of y, at row stride out_stride).
+  void gate_and_project(const Matrix<S>& u, Matrix<S>& y, S* out, Index out_stride, int threads) const {
     y.array() *= u.array();
-    Matrix<S> o;
-    detail::dense(detail::matrix_view(y), w_o, b_o, o, threads);
-    out = o;
+    detail::dense(detail::matrix_view(y), detail::matrix_view(w_o), b_o, out, out_stride, threads);
   }
 
   GauConfig c_;
@@ -267,7 +269,8 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
     this->check_input("GatedAttentionUnit::attention_weights", x, options);
     const Index n = x.rows();
     const int threads = detail::resolve_threads(options.threads);
-    const detail::GatedProjections<S> p = this->project(x, threads);
+    const detail::ViewOf<D> xv(x);
+    const detail::GatedProjections<S> p = this->project(xv.view(), threads);
     const Matrix<S> q = query_key(p.z, 0), kt = query_key(p.z, 1).transpose();
     Matrix<S> a;
     detail::dense(detail::matrix_view(q), kt, Matrix<S>(), a, threads);
@@ -303,12 +306,13 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
       detail::fail(kWhere, "attention is ", detail::shape_str(a.rows(), a.cols()), " but must be n x n = ",
                    detail::shape_str(x.rows(), x.rows()));
     const int threads = detail::resolve_threads(0);
-    const detail::GatedProjections<S> p = this->project(x, threads);
+    const detail::ViewOf<D> xv(x);
+    const detail::GatedProjections<S> p = this->project(xv.view(), threads);
     const Matrix<S> dense_a = a;
     Matrix<S> av;
     detail::dense(detail::matrix_view(dense_a), p.v, Matrix<S>(), av, threads);
     Matrix<S> out(x.rows(), this->c_.width);
-    this->gate_and_project(p.u, av, out, threads);
+    this->gate_and_project(p.u, av, out.data(), out.cols(), threads);
     return out;
   }
 
@@ -347,7 +351,15 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
     return x;
   }
 
-  Matrix<S> attend(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const override {
+  void run(const detail::StridedView<S>& x, S* out, Index out_stride, const GauOptions& options,
+           int threads) const override {
+    detail::GatedProjections<S> p = this->project(x, threads);
+    Matrix<S> av = attend(p, options, threads);
+    this->gate_and_project(p.u, av, out, out_stride, threads);
+  }
+
+  /// A V, n x e.
+  Matrix<S> attend(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const {
     const Matrix<S> q = query_key(p.z, 0), k = query_key(p.z, 1);
     Matrix<S> av(p.z.rows(), this->c_.expansion);
     AttentionOptions o = attention_options(options);
@@ -379,7 +391,9 @@ struct FlashParts {
 /// chunks before, divided by the g c tokens they hold (0 for the first chunk); O = (U .* (V_quad + V_lin)) W_o.
 ///
 /// A last chunk shorter than c is divided by c like the others: the result equals zero-padding the sequence to a
-/// multiple of c with the padding tokens seen by nobody (the paper pads). Memory O(n (e + s) + s e); time linear in n.
+/// multiple of c with the padding tokens seen by nobody (the paper pads). Time is linear in n. Memory besides input and
+/// output: O(c (e + s) + s e) causal (one pass, chunk by chunk), O(n (e + s)) non-causal (V and Z are kept between the
+/// pass that sums the linear state and the chunks, which then run in parallel).
 template <class S>
 class FlashAttentionLayer : public GatedLayerBase<S> {
  public:
@@ -391,11 +405,22 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
   template <class D>
   FlashParts<S> attention_parts(const Eigen::MatrixBase<D>& x, const GauOptions& options = {}) const {
     this->check_input("FlashAttentionLayer::attention_parts", x, options);
-    const int threads = detail::resolve_threads(options.threads);
-    return parts(this->project(x, threads), options, threads);
+    const detail::ViewOf<D> xv(x);
+    FlashParts<S> parts{Matrix<S>(x.rows(), this->c_.expansion), Matrix<S>(x.rows(), this->c_.expansion)};
+    stream(xv.view(), options, detail::resolve_threads(options.threads), [&](Index r0, Chunk& ch, int) {
+      parts.quadratic.middleRows(r0, ch.quad.rows()) = ch.quad;
+      parts.linear.middleRows(r0, ch.lin.rows()) = ch.lin;
+    });
+    return parts;
   }
 
  private:
+  /// One chunk's scratch: its projections, heads and the two attention terms (c x e at most). Reused chunk after
+  /// chunk, so a forward touches O(c (e + s)) memory besides its input and output (and V, Z when non-causal).
+  struct Chunk {
+    Matrix<S> u, v, z, q_quad, k_quad, q_lin, k_lin, quad, lin, step;
+  };
+
   const char* name() const override { return "FlashAttentionLayer"; }
   void check_options(const char* where, Index, const GauOptions& o) const override {
     if (o.key_length != -1) detail::fail(where, "options.key_length is not supported by FLASH; leave it -1");
@@ -403,68 +428,86 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
       detail::fail(where, "FLASH's chunks use relu2 / c; leave options.normalization at kRelu2");
   }
 
-  Matrix<S> attend(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const override {
-    FlashParts<S> both = parts(p, options, threads);
-    both.quadratic += both.linear;
-    return std::move(both.quadratic);
+  void run(const detail::StridedView<S>& x, S* out, Index out_stride, const GauOptions& options,
+           int threads) const override {
+    stream(x, options, threads, [&](Index r0, Chunk& ch, int inner) {
+      ch.quad += ch.lin;
+      this->gate_and_project(ch.u, ch.quad, out + r0 * out_stride, out_stride, inner);
+    });
   }
 
-  FlashParts<S> parts(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const {
-    const Index n = p.z.rows(), e = this->c_.expansion, s = this->c_.shared, c = this->c_.chunk;
-    const Index chunks = (n + c - 1) / c;
-    const Matrix<S> q_quad = this->scale_offset(p.z, 0), k_quad = this->scale_offset(p.z, 1);
-    const Matrix<S> q_lin = this->scale_offset(p.z, 2), k_lin = this->scale_offset(p.z, 3);
-    FlashParts<S> parts{Matrix<S>(n, e), Matrix<S>(n, e)};
-    if (n == 0) return parts;
-    const auto rows = [&](const Matrix<S>& m, Index g) {
-      const Index r0 = g * c;
-      return detail::StridedView<S>{m.data() + r0 * m.cols(), std::min(c, n - r0), m.cols(), m.cols(), 1};
-    };
+  static detail::StridedView<S> rows_of(const detail::StridedView<S>& m, Index r0, Index count) {
+    detail::StridedView<S> v = m;
+    v.data = m.row(r0), v.rows = count;
+    return v;
+  }
 
-    // Quadratic: every chunk is its own relu2 attention problem, divided by c.
+  /// Chunk by chunk: U, the heads, ch.quad = the chunk's relu2 attention / c and ch.lin = Q_lin state * lin_scale,
+  /// then sink(first row, chunk, threads). v and z are the chunk's rows of V and Z.
+  template <class Sink>
+  void chunk_terms(const detail::StridedView<S>& x, Index r0, const detail::StridedView<S>& v, const Matrix<S>& z,
+                   const Matrix<S>& state, S lin_scale, bool causal, Chunk& ch, int threads, const Sink& sink) const {
+    const Index len = v.rows, c = this->c_.chunk;
+    this->activate(rows_of(x, r0, len), this->w_u, this->b_u, ch.u, threads);
+    ch.q_quad = this->scale_offset(z, 0), ch.k_quad = this->scale_offset(z, 1), ch.q_lin = this->scale_offset(z, 2);
+    ch.quad.resize(len, this->c_.expansion);
     AttentionOptions o;
-    o.causal = options.causal;
+    o.causal = causal, o.threads = threads;
     const S inv_c = S(1) / S(c);
     const auto inverse = [inv_c](Index) { return inv_c; };
-    const S scale = static_cast<S>(1 / std::sqrt(double(s)));
-    detail::for_each_item(chunks, threads, [&](Index g, int inner) {
-      AttentionOptions per = o;
-      per.threads = inner;
-      const Index len = std::min(c, n - g * c);
-      detail::fused_attention(rows(q_quad, g), rows(k_quad, g), rows(p.v, g), detail::MaskModel<S>(len, len, per, {}),
-                              scale, per, detail::AttentionOutput<S>{parts.quadratic.data() + g * c * e, e, nullptr},
-                              detail::KeyRange::all(), static_cast<detail::AttentionWorkspace<S>*>(nullptr),
-                              detail::SquaredReluWeights<decltype(inverse)>{inverse});
-    });
+    detail::fused_attention(detail::matrix_view(ch.q_quad), detail::matrix_view(ch.k_quad), v,
+                            detail::MaskModel<S>(len, len, o, {}), static_cast<S>(1 / std::sqrt(double(z.cols()))), o,
+                            detail::AttentionOutput<S>{ch.quad.data(), ch.quad.cols(), nullptr},
+                            detail::KeyRange::all(), static_cast<detail::AttentionWorkspace<S>*>(nullptr),
+                            detail::SquaredReluWeights<decltype(inverse)>{inverse});
+    if (lin_scale == S(0)) {
+      ch.lin.setZero(len, this->c_.expansion);
+    } else {
+      detail::dense(detail::matrix_view(ch.q_lin), state, Matrix<S>(), ch.lin, threads);
+      ch.lin *= lin_scale;
+    }
+    sink(r0, ch, threads);
+  }
 
-    // Linear: a running state sum_h K_lin,h^T V_h (s x e) over the chunks, applied to each chunk's Q_lin.
-    Matrix<S> state = Matrix<S>::Zero(s, e), step;
-    const auto add_chunk = [&](Index g) {
-      const detail::StridedView<S> kg = rows(k_lin, g);
-      const detail::StridedView<S> kt{kg.data, s, kg.rows, 1, s};  // K_lin,g^T, read in place
-      const detail::StridedView<S> vg = rows(p.v, g);
-      detail::dense(kt, vg, Matrix<S>(), step.data(), e, threads);
-      state += step;
-    };
-    step.resize(s, e);
+  template <class Sink>
+  void stream(const detail::StridedView<S>& x, const GauOptions& options, int threads, const Sink& sink) const {
+    const Index n = x.rows, e = this->c_.expansion, s = this->c_.shared, c = this->c_.chunk;
+    const Index chunks = (n + c - 1) / c;
+    if (n == 0) return;
+    Matrix<S> state = Matrix<S>::Zero(s, e);
     if (!options.causal) {
-      for (Index g = 0; g < chunks; ++g) add_chunk(g);
-      detail::dense(detail::matrix_view(q_lin), state, Matrix<S>(), parts.linear, threads);
-      parts.linear /= S(n);
-      return parts;
+      // Every chunk needs sum_h K_lin,h^T V_h over the whole sequence: V and Z of every token first (kept), the state
+      // as one product over all n tokens, then the chunks in parallel.
+      Matrix<S> v, z;
+      this->activate(x, this->w_v, this->b_v, v, threads);
+      this->activate(x, this->w_z, this->b_z, z, threads);
+      const Matrix<S> k_lin_t = this->scale_offset(z, 3).transpose();
+      detail::dense(detail::matrix_view(k_lin_t), detail::matrix_view(v), Matrix<S>(), state.data(), e, threads);
+      const S inv_n = S(1) / S(n);
+      detail::for_each_item(chunks, threads, [] { return Chunk(); }, [&](Index g, int inner, Chunk& ch) {
+        const Index r0 = g * c, len = std::min(c, n - r0);
+        ch.z = z.middleRows(r0, len);
+        chunk_terms(x, r0, rows_of(detail::matrix_view(v), r0, len), ch.z, state, inv_n, false, ch, inner, sink);
+      });
+      return;
     }
+    // Causal: one pass, the state of the chunks before g carried along.
+    Chunk ch;
     for (Index g = 0; g < chunks; ++g) {
-      const detail::StridedView<S> qg = rows(q_lin, g);
-      S* dst = parts.linear.data() + g * c * e;
-      if (g == 0) {
-        Eigen::Map<Matrix<S>>(dst, qg.rows, e).setZero();
-      } else {
-        detail::dense(qg, detail::matrix_view(state), Matrix<S>(), dst, e, threads);
-        Eigen::Map<Matrix<S>>(dst, qg.rows, e) /= S(g * c);
+      const Index r0 = g * c, len = std::min(c, n - r0);
+      const detail::StridedView<S> xg = rows_of(x, r0, len);
+      this->activate(xg, this->w_v, this->b_v, ch.v, threads);
+      this->activate(xg, this->w_z, this->b_z, ch.z, threads);
+      chunk_terms(x, r0, detail::matrix_view(ch.v), ch.z, state, g == 0 ? S(0) : S(1) / S(g * c), true, ch, threads,
+                  sink);
+      if (g + 1 < chunks) {  // state += K_lin,g^T V_g
+        const Matrix<S> k_lin_t = this->scale_offset(ch.z, 3).transpose();
+        ch.step.resize(s, e);
+        detail::dense(detail::matrix_view(k_lin_t), detail::matrix_view(ch.v), Matrix<S>(), ch.step.data(), e,
+                      threads);
+        state += ch.step;
       }
-      if (g + 1 < chunks) add_chunk(g);
     }
-    return parts;
   }
 };
 

@@ -1,7 +1,8 @@
 # attnkit: the README's two commands.
 #   make test    installs what is missing, then configures, builds and runs every test
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
-# Other targets: test-asan (tests under AddressSanitizer + UBSan), bench-quick (smoke run), clean.
+# Other targets: test-asan (tests under AddressSanitizer + UBSan), bench-quick (smoke run),
+# bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 PYTHON ?= /usr/bin/python3
@@ -10,7 +11,7 @@ BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_sy
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
-.PHONY: test test-asan bench bench-quick deps clean
+.PHONY: test test-asan bench bench-quick bench-compare deps clean
 
 deps:
 	@missing=""; \
@@ -39,15 +40,24 @@ bench: deps
 	cmake --preset release
 	cmake --build --preset release
 	@mkdir -p $(RESULTS)
-	@for b in $(BENCH_BINARIES); do \
-	  echo "== $$b"; \
+	@start=$$(date +%s); i=0; total=$(words $(BENCH_BINARIES)); \
+	for b in $(BENCH_BINARIES); do \
+	  i=$$((i + 1)); \
+	  echo "== [$$i/$$total] $$b, $$(( $$(date +%s) - start )) s elapsed"; \
 	  ./build/release/bench/$$b --benchmark_filter='$(BENCH_FILTER)' --benchmark_min_time=$(BENCH_MIN_TIME) \
 	    --benchmark_out=$(RESULTS)/$$b.json --benchmark_out_format=json || exit 1; \
-	done
+	done; \
+	echo "== all $$total benchmark binaries done in $$(( $$(date +%s) - start )) s"
 	$(PYTHON) bench/plot.py $(RESULTS)
 
 bench-quick:
 	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024|length:1024)/' BENCH_MIN_TIME=0.01
+
+# Per-benchmark time ratios of two runs (JSON files or result directories), e.g. a copy of build/bench-results made
+# before a change against the one after it.
+bench-compare:
+	@if [ -z "$(BASE)" ] || [ -z "$(NEW)" ]; then echo "usage: make bench-compare BASE=<json or dir> NEW=<json or dir>"; exit 2; fi
+	$(PYTHON) bench/compare.py $(BASE) $(NEW)
 
 clean:
 	rm -rf build

@@ -367,6 +367,8 @@ TEST(GauErrors, ParameterCountsAndBadInput) {
   expect_error([&] { FlashAttentionLayer<float> l(bad); }, {"config.expansion", "-3"});
   bad = c, bad.rope = true, bad.shared = 9;
   expect_error([&] { GatedAttentionUnit<float> l(bad); }, {"RoPE", "9"});
+  bad = c, bad.rope = true;
+  expect_error([&] { FlashAttentionLayer<float> l(bad); }, {"rope", "FLASH"});
   bad = c, bad.init = GauInit::kNormal, bad.init_std = 0;
   expect_error([&] { GatedAttentionUnit<float> l(bad); }, {"init_std"});
 }

@@ -123,9 +123,8 @@ inline GauConfig resolve(GauConfig c, const char* where, bool flash) {
   if (c.expansion < 1) fail(where, "config.expansion (e) must be >= 1 (0 = 2 d), got ", c.expansion);
   if (c.shared < 1) fail(where, "config.shared (s) must be >= 1, got ", c.shared);
   if (flash && c.chunk < 1) fail(where, "config.chunk (c) must be >= 1, got ", c.chunk);
-  if (c.rope && (flash || c.shared % 2 != 0))
-    fail(where, flash ? "config.rope is not supported by FLASH" : "RoPE needs an even config.shared (s), got ",
-         flash ? 0 : c.shared);
+  if (c.rope && flash) fail(where, "config.rope is not supported by FLASH");
+  if (c.rope && c.shared % 2 != 0) fail(where, "RoPE needs an even config.shared (s), got ", c.shared);
   if (c.init == GauInit::kNormal && !(c.init_std > 0 && std::isfinite(c.init_std)))
     fail(where, "config.init_std must be finite and > 0, got ", c.init_std);
   return c;

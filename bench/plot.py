@@ -29,7 +29,7 @@ def load(results):
             if b.get("run_type") == "aggregate" or b.get("error_occurred"):
                 continue
             parts = b["run_name"].split("/")
-            params = dict(p.split(":", 1) for p in parts[1:] if ":" in p)
+            params = dict(p.split(":", 1) for p in parts[1:] if ":" in p and not p.startswith("min_time:"))
             for named in ("pattern", "map", "kind", "norm"):  # the name instead of its number
                 if b.get("label") and named in params:
                     params[named] = b["label"]

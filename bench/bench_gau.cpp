@@ -27,6 +27,13 @@ Index ffn_width() {
   return f;
 }
 
+/// d = 64, e = 128, s = 32, c = 32: the size at which max_err compares float with double.
+GauConfig small_config() {
+  GauConfig c;
+  c.width = 64, c.expansion = 128, c.shared = 32, c.chunk = 32;
+  return c;
+}
+
 double pairs(Index n, bool causal) { return causal ? double(n) * double(n + 1) / 2 : double(n) * double(n); }
 
 double projection_flops(Index n) { return 2.0 * double(n) * kD * (2 * kE + kS) + 2.0 * double(n) * kE * kD; }
@@ -43,6 +50,8 @@ void BM_Gau(benchmark::State& state) {
   Matrix<float> out(n, kD);
   const int64_t heap = run_timed(state, [&] { gau.forward_into(x, out, o); });
   report(state, projection_flops(n) + 2.0 * (kS + kE) * pairs(n, o.causal), 1, heap);
+  report_error(state, std::to_string(state.range(0)) + "/" + std::to_string(state.range(2)),
+               [&] { return layer_error<GatedAttentionUnit>(small_config(), 100, 64, o); });
   state.SetLabel(kNormNames[state.range(0)]);
 }
 
@@ -60,6 +69,8 @@ void BM_Flash(benchmark::State& state) {
   for (Index r0 = 0; r0 < n; r0 += kChunk) quad += pairs(std::min(kChunk, n - r0), o.causal);
   if (o.causal) linear_tokens -= double(std::min(kChunk, n)) + double(n - (n - 1) / kChunk * kChunk);
   report(state, projection_flops(n) + 2.0 * (kS + kE) * quad + 2.0 * linear_tokens * kS * kE, 1, heap);
+  report_error(state, std::to_string(state.range(1)),
+               [&] { return layer_error<FlashAttentionLayer>(small_config(), 100, 64, o); });
 }
 
 /// Multi-head attention (8 heads) and a ReLU feed-forward of width f, as one block: y = FFN(MHA(x)).
@@ -80,6 +91,8 @@ void BM_MhaFfn(benchmark::State& state) {
     detail::dense(detail::matrix_view(hidden), w2, Matrix<float>(), y, 1);
   });
   report(state, 8.0 * double(n) * kD * kD + 4.0 * kD * pairs(n, o.causal) + 4.0 * double(n) * kD * double(f), 1, heap);
+  report_error(state, std::to_string(state.range(1)),  // the attention part (the feed-forward is two dense products)
+               [&] { return layer_error<MultiHeadAttention>(c, 100, kD, o); });
   state.counters["ffn_width"] = double(f);
 }
 

@@ -15,7 +15,7 @@ enum MapId { kElu, kRelu, kTaylor, kPerformer, kEfficient };
 const char* const kMapNames[] = {"elu+1", "relu", "taylor", "performer", "efficient"};
 
 /// Runs `body(map)` with the feature map `id` (Efficient Attention has none: body gets nullptr_t).
-template <class Body>
+template <class S, class Body>
 void with_map(int id, const Body& body) {
   switch (id) {
     case kElu:
@@ -25,10 +25,19 @@ void with_map(int id, const Body& body) {
     case kTaylor:
       return body(Taylor{});
     case kPerformer:
-      return body(PerformerFeatures<float>(kD));
+      return body(PerformerFeatures<S>(kD));
     default:
       return body(nullptr);
   }
+}
+
+/// Linear attention with `map`, or Efficient Attention when there is none.
+template <class S, class Map>
+Matrix<S> attend(const Matrix<S>& q, const Matrix<S>& k, const Matrix<S>& v, const Map& map, const LinearOptions& o) {
+  if constexpr (std::is_same_v<Map, std::nullptr_t>)
+    return efficient_attention(q, k, v, o);
+  else
+    return linear_attention(q, k, v, map, o);
 }
 
 void BM_Linear(benchmark::State& state) {
@@ -40,7 +49,7 @@ void BM_Linear(benchmark::State& state) {
   LinearOptions o;
   o.causal = state.range(1) != 0;
   o.threads = int(state.range(3));
-  with_map(id, [&](const auto& map) {
+  with_map<float>(id, [&](const auto& map) {
     const auto call = [&] {
       if constexpr (std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>)
         efficient_attention(q, k, v, out, o);
@@ -49,6 +58,16 @@ void BM_Linear(benchmark::State& state) {
     };
     const int64_t heap = run_timed(state, call);
     state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+  });
+  report_error(state, std::to_string(id) + "/" + std::to_string(state.range(1)), [&] {  // n = 200, same map in double
+    const Matrix<float> sq = q.topRows(200), sk = k.topRows(200), sv = v.topRows(200);
+    Matrix<float> f;
+    Matrix<double> e;
+    with_map<float>(id, [&](const auto& map) { f = attend(sq, sk, sv, map, o); });
+    with_map<double>(id, [&](const auto& map) {
+      e = attend(sq.cast<double>().eval(), sk.cast<double>().eval(), sv.cast<double>().eval(), map, o);
+    });
+    return relative_error(f, e);
   });
   state.SetLabel(kMapNames[id]);
 }
@@ -64,6 +83,12 @@ void BM_Exact(benchmark::State& state) {
   o.threads = int(state.range(2));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+  report_error(state, std::to_string(state.range(0)), [&] {
+    const Matrix<float> sq = q.topRows(200), sk = k.topRows(200), sv = v.topRows(200);
+    return relative_error(scaled_dot_product_attention(sq, sk, sv, o),
+                          reference::scaled_dot_product_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
+                                                                  sv.cast<double>().eval(), o));
+  });
 }
 
 /// One decoding step of the recurrent form after `length` tokens: should not depend on the length.
@@ -72,7 +97,7 @@ void BM_RecurrentStep(benchmark::State& state) {
   const Index length = state.range(1);
   const Matrix<float> q = random_matrix<float>(1, kD, 1), k = random_matrix<float>(1, kD, 2),
                       v = random_matrix<float>(1, kD, 3);
-  with_map(id, [&](const auto& map) {
+  with_map<float>(id, [&](const auto& map) {
     using Map = std::decay_t<decltype(map)>;
     if constexpr (!std::is_same_v<Map, std::nullptr_t>) {
       LinearAttentionState<float, Map> s(map, kD, kD);
@@ -82,6 +107,27 @@ void BM_RecurrentStep(benchmark::State& state) {
       for (auto _ : state) benchmark::DoNotOptimize(s.step(q, k, v).data());
       state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
     }
+  });
+  report_error(state, std::to_string(id), [&] {  // a step after 100 tokens, float against double
+    const Matrix<float> history = random_matrix<float>(100, kD, 5);
+    Matrix<float> f;
+    Matrix<double> e;
+    with_map<float>(id, [&](const auto& map) {
+      if constexpr (!std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>) {
+        LinearAttentionState<float, std::decay_t<decltype(map)>> s(map, kD, kD);
+        s.step(history, history, history);
+        f = s.step(q, k, v);
+      }
+    });
+    with_map<double>(id, [&](const auto& map) {
+      if constexpr (!std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>) {
+        LinearAttentionState<double, std::decay_t<decltype(map)>> s(map, kD, kD);
+        const Matrix<double> h = history.cast<double>();
+        s.step(h, h, h);
+        e = s.step(q.cast<double>().eval(), k.cast<double>().eval(), v.cast<double>().eval());
+      }
+    });
+    return relative_error(f, e);
   });
   state.SetLabel(kMapNames[id]);
 }

@@ -42,6 +42,8 @@ void BM_MhaForward(benchmark::State& state) {
          projection_flops(s, n) +
              attention_flops(double(n) * double(n), s.width / s.heads, s.width / s.heads) * double(s.heads),
          threads, heap);
+  report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads),
+               [&] { return layer_error<MultiHeadAttention>(config_of(s), 64, s.width, AttentionOptions{}); });
 }
 
 void BM_MhaAttentionOnly(benchmark::State& state) {
@@ -56,6 +58,16 @@ void BM_MhaAttentionOnly(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   report(state, attention_flops(double(n) * double(n), d, d) * double(s.heads), detail::resolve_threads(0), heap);
+  report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads), [&] {
+    const Index small = 64;
+    const Matrix<float> sq = q.topRows(small), sk = k.topRows(small), sv = v.topRows(small);
+    Matrix<float> f(small, s.heads * d);
+    Matrix<double> e(small, s.heads * d);
+    multi_head_attention(sq, sk, sv, f, s.heads, s.kv_heads);
+    multi_head_attention(sq.cast<double>().eval(), sk.cast<double>().eval(), sv.cast<double>().eval(), e, s.heads,
+                         s.kv_heads);
+    return relative_error(f, e);
+  });
 }
 
 /// One new token against a cache of `cached` tokens; the cache is rolled back after each step.
@@ -76,6 +88,17 @@ void BM_MhaDecodeStep(benchmark::State& state) {
   }
   report(state, projection_flops(s, 1) + attention_flops(double(cached + 1), d, d) * double(s.heads),
          detail::resolve_threads(0), heap);
+  report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads), [&] {
+    // One step after 1500 cached tokens (split-K), float against double layers from the same seed.
+    const MultiHeadAttention<float> lf(config_of(s), 1);
+    const MultiHeadAttention<double> ld(config_of(s), 1);
+    KVCache<float> cf = lf.make_cache(1501);
+    KVCache<double> cd = ld.make_cache(1501);
+    const Matrix<float> history = random_matrix<float>(1500, s.width, 5), next = random_matrix<float>(1, s.width, 6);
+    lf.forward_step(history, cf);
+    ld.forward_step(history.cast<double>().eval(), cd);
+    return relative_error(lf.forward_step(next, cf), ld.forward_step(next.cast<double>().eval(), cd));
+  });
   const double kv_bytes = 2.0 * double(cached + 1) * double(s.kv_heads * d) * sizeof(float);
   state.counters["KV_GBps"] = benchmark::Counter(kv_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }

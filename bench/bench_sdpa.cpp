@@ -49,6 +49,19 @@ AttentionOptions options_of(const Problem& p, int threads) {
   o.threads = threads;
   return o;
 }
+/// Error of `kernel` (float q, k, v -> float out) against the materialising oracle in double, on a 127 x 127 problem.
+template <class Kernel>
+double error_against_reference(Index d, bool causal, const Kernel& kernel) {
+  const Problem p(127, d, causal);
+  const AttentionOptions o = options_of(p, 1);
+  const Matrix<double> expected = reference::scaled_dot_product_attention(
+      p.q.cast<double>().eval(), p.k.cast<double>().eval(), p.v.cast<double>().eval(), o);
+  return relative_error(kernel(p, o), expected);
+}
+
+std::string error_key(const benchmark::State& state) {
+  return std::to_string(state.range(1)) + "/" + std::to_string(state.range(2));
+}
 
 void BM_Fused(benchmark::State& state) {
   const Problem p(state.range(0), state.range(1), state.range(2) != 0);
@@ -57,6 +70,11 @@ void BM_Fused(benchmark::State& state) {
   Matrix<float> out(p.n, p.d);
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(p.q, p.k, p.v, out, o); });
   report(state, p.flops(), threads, heap);
+  report_error(state, error_key(state), [&] {
+    return error_against_reference(p.d, p.causal, [](const Problem& small, const AttentionOptions& so) {
+      return scaled_dot_product_attention(small.q, small.k, small.v, so);
+    });
+  });
   state.counters["workspace_MiB"] =
       double(threads * scaled_dot_product_attention_workspace_bytes<float>(p.n, p.n, p.d, p.d, o)) / (1 << 20);
 }
@@ -73,6 +91,13 @@ void BM_EigenCareful(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   report(state, p.flops(), 1, heap);
+  report_error(state, error_key(state), [&] {
+    return error_against_reference(p.d, p.causal, [](const Problem& small, const AttentionOptions&) {
+      CarefulEigen careful(small.n, small.d);
+      careful.run(small);
+      return careful.out;
+    });
+  });
 }
 
 void BM_Reference(benchmark::State& state) {
@@ -81,6 +106,11 @@ void BM_Reference(benchmark::State& state) {
   const int64_t heap = measure_peak_heap([&] { reference::scaled_dot_product_attention(p.q, p.k, p.v, o); });
   for (auto _ : state) benchmark::DoNotOptimize(reference::scaled_dot_product_attention(p.q, p.k, p.v, o).data());
   report(state, p.flops(), 1, heap);
+  report_error(state, error_key(state), [&] {
+    return error_against_reference(p.d, p.causal, [](const Problem& small, const AttentionOptions& so) {
+      return reference::scaled_dot_product_attention(small.q, small.k, small.v, so);
+    });
+  });
 }
 
 /// Decoding: one query against m cached keys and values; bound by reading K and V, so the rate is in bytes/s.
@@ -94,6 +124,13 @@ void BM_Decode(benchmark::State& state) {
   o.threads = int(state.range(2));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(m), d, d), o.threads, heap);
+  report_error(state, std::to_string(d), [&] {  // 1 query over 1500 keys: the split-K path
+    const Matrix<float> sq = random_matrix<float>(1, d, 4), sk = random_matrix<float>(1500, d, 5),
+                        sv = random_matrix<float>(1500, d, 6);
+    return relative_error(scaled_dot_product_attention(sq, sk, sv, o),
+                          reference::scaled_dot_product_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
+                                                                  sv.cast<double>().eval()));
+  });
   state.counters["KV_GBps"] =
       benchmark::Counter(2.0 * double(m * d) * sizeof(float) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }

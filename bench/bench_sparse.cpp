@@ -64,6 +64,14 @@ void BM_Sparse(benchmark::State& state) {
   const int64_t heap = run_timed(state, [&] { sparse_attention(q, k, v, out, p, o); });
   const double pairs = allowed_pairs(p, n);
   report(state, attention_flops(pairs, kD, kD), o.threads, heap);
+  report_error(state, std::to_string(state.range(0)), [&] {  // n = 1000 against dense attention with the mask
+    const Index small = 1000;
+    const SparsePattern sp = make_pattern(int(state.range(0)), small);
+    const Matrix<float> sq = q.topRows(small), sk = k.topRows(small), sv = v.topRows(small);
+    return relative_error(sparse_attention(sq, sk, sv, sp),
+                          reference::sparse_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
+                                                      sv.cast<double>().eval(), sp));
+  });
   state.counters["keys_per_query"] = pairs / double(n);
   state.SetLabel(kPatternNames[state.range(0)]);
 }
@@ -77,6 +85,12 @@ void BM_Dense(benchmark::State& state) {
   o.threads = int(state.range(1));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(n) * double(n), kD, kD), o.threads, heap);
+  report_error(state, "dense", [&] {
+    const Matrix<float> sq = q.topRows(1000), sk = k.topRows(1000), sv = v.topRows(1000);
+    return relative_error(scaled_dot_product_attention(sq, sk, sv),
+                          reference::scaled_dot_product_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
+                                                                  sv.cast<double>().eval()));
+  });
   state.counters["keys_per_query"] = double(n);
 }
 

@@ -29,22 +29,33 @@ SynthesizerConfig config() {
   return c;
 }
 
+template <class S>
+std::unique_ptr<SynthesizerLayer<S>> make_layer(int kind, const SynthesizerConfig& c) {
+  switch (kind) {
+    case kDense: return std::make_unique<DenseSynthesizer<S>>(c, 1);
+    case kRandom: return std::make_unique<RandomSynthesizer<S>>(c, 1);
+    case kFactorizedDense: return std::make_unique<FactorizedDenseSynthesizer<S>>(c, 1);
+    case kFactorizedRandom: return std::make_unique<FactorizedRandomSynthesizer<S>>(c, 1);
+    default:
+      return std::make_unique<MixtureSynthesizer<S>>(
+          c, std::vector<SynthesizerKind>{SynthesizerKind::kRandom, SynthesizerKind::kDotProduct}, 1);
+  }
+}
+
 /// One layer per kind for the whole process: Random's R alone is H l^2 floats (512 MiB).
 const SynthesizerLayer<float>& layer(int kind) {
   static std::unique_ptr<SynthesizerLayer<float>> layers[5];
-  std::unique_ptr<SynthesizerLayer<float>>& slot = layers[kind];
-  if (!slot) {
-    switch (kind) {
-      case kDense: slot = std::make_unique<DenseSynthesizer<float>>(config(), 1); break;
-      case kRandom: slot = std::make_unique<RandomSynthesizer<float>>(config(), 1); break;
-      case kFactorizedDense: slot = std::make_unique<FactorizedDenseSynthesizer<float>>(config(), 1); break;
-      case kFactorizedRandom: slot = std::make_unique<FactorizedRandomSynthesizer<float>>(config(), 1); break;
-      default:
-        slot = std::make_unique<MixtureSynthesizer<float>>(
-            config(), std::vector<SynthesizerKind>{SynthesizerKind::kRandom, SynthesizerKind::kDotProduct}, 1);
-    }
-  }
-  return *slot;
+  if (!layers[kind]) layers[kind] = make_layer<float>(kind, config());
+  return *layers[kind];
+}
+
+/// The kind's error at d = 64, H = 2, l = 128, n = 100: float against double layers from the same seed.
+double synthesizer_error(int kind, const AttentionOptions& o) {
+  SynthesizerConfig c;
+  c.width = 64, c.max_length = 128, c.heads = 2, c.a = 8, c.b = 16, c.k = 8;
+  const Matrix<float> x = random_matrix<float>(100, c.width, 7);
+  return relative_error(make_layer<float>(kind, c)->forward(x, o),
+                        make_layer<double>(kind, c)->forward(x.cast<double>().eval(), o));
 }
 
 double synthesizer_flops(int kind, double n) {
@@ -71,6 +82,8 @@ void BM_Synthesizer(benchmark::State& state) {
   report(state, synthesizer_flops(kind, double(n)), 1, run_timed(state, call));
   // What a layer with input-independent logits keeps between calls: H n^2 probabilities.
   state.counters["kept_MiB"] = l.depends_on_input() ? 0.0 : double(kHeads * n * n) * sizeof(float) / (1 << 20);
+  report_error(state, std::to_string(kind) + "/" + std::to_string(state.range(2)),
+               [&] { return synthesizer_error(kind, o); });
   state.SetLabel(kKindNames[kind]);
 }
 
@@ -86,6 +99,8 @@ void BM_Mha(benchmark::State& state) {
   Matrix<float> out(n, kWidth);
   const double d = double(kWidth), nn = double(n);
   report(state, 8 * nn * d * d + 4 * nn * nn * d, 1, run_timed(state, [&] { mha.forward_into(x, out, o); }));
+  report_error(state, std::to_string(state.range(1)),
+               [&] { return layer_error<MultiHeadAttention>(c, 100, kWidth, o); });
 }
 
 void lengths(benchmark::internal::Benchmark* b, bool with_kind) {

@@ -6,9 +6,12 @@
 
 #include <attnkit/attnkit.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <random>
+#include <string>
 
 namespace attnkit::bench {
 
@@ -71,6 +74,36 @@ int64_t run_timed(benchmark::State& state, const F& call) {
     benchmark::ClobberMemory();
   }
   return heap;
+}
+
+/// The largest |actual - expected| over the largest |expected|: a float kernel's error against double precision.
+inline double relative_error(const Matrix<float>& actual, const Matrix<double>& expected) {
+  if (expected.size() == 0) return 0;
+  const double scale = std::max(expected.cwiseAbs().maxCoeff(), 1e-300);
+  return (actual.cast<double>() - expected).cwiseAbs().maxCoeff() / scale;
+}
+
+/// Reports `max_err`: the benchmarked kernel's relative error against double precision on a small problem of the same
+/// kind, so that a fast but wrong kernel shows in the table. check() computes it once per distinct key.
+template <class F>
+void report_error(benchmark::State& state, const std::string& key, const F& check) {
+  static std::map<std::string, double> errors;
+  auto it = errors.find(key);
+  if (it == errors.end()) it = errors.emplace(key, check()).first;
+  state.counters["max_err"] = it->second;
+}
+
+/// The error of a layer: L<float> against L<double> built from the same configuration and seed (the double weights
+/// are the float ones before rounding), on the same n x width input.
+template <template <class> class L, class Config, class Options>
+double layer_error(const Config& config, Index n, Index width, const Options& options) {
+  const L<float> f(config, 1);
+  const L<double> d(config, 1);
+  std::mt19937 gen(11);
+  std::normal_distribution<float> dist(0.f, 1.f);
+  Matrix<float> x(n, width);
+  for (Index i = 0; i < x.size(); ++i) x.data()[i] = dist(gen);
+  return relative_error(f.forward(x, options), d.forward(Matrix<double>(x.cast<double>()), options));
 }
 
 template <class S>

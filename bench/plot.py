@@ -38,7 +38,7 @@ def load(results):
                 "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
                 "ms": b["real_time"] * scale, "gflops": b.get("GFLOPs"), "pct_peak": b.get("pct_peak"),
                 "heap_mib": b.get("heap_MiB"), "workspace_mib": b.get("workspace_MiB"), "kv_gbps": b.get("KV_GBps"),
-                "kept_mib": b.get("kept_MiB"),
+                "kept_mib": b.get("kept_MiB"), "max_err": b.get("max_err"),
             })
     return rows, context
 
@@ -83,6 +83,10 @@ def plot(rows, results, metric, ylabel, filename, title, only=None, logy=True):
 
 def fmt(x, digits=1):
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def sci(x):
+    return "" if x is None else f"{x:.1e}"
 
 
 def sparse_section(rows):
@@ -205,15 +209,19 @@ def summary(rows, context, results):
         "# attnkit benchmark summary", "",
         f"Machine: {context.get('num_cpus', '?')} CPUs at {context.get('mhz_per_cpu', '?')} MHz, "
         f"measured fp32 FMA peak {fmt(float(peak)) if peak != '?' else '?'} GFLOP/s per core; run {context.get('date', '?')}.",
-        "", "| family | variant | parameters | time (ms) | GFLOP/s | % of peak | peak heap (MiB) | workspace (MiB) |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "max error: the kernel's largest error relative to the largest output, against double precision on a small "
+        "problem of the same kind (float kernels: about 1e-7 to 1e-5).",
+        "", "| family | variant | parameters | time (ms) | GFLOP/s | % of peak | peak heap (MiB) | workspace (MiB) | "
+        "max error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     def order(r):
         return (r["family"], r["variant"], sorted((k, int(v) if v.isdigit() else v) for k, v in r["params"].items()))
     for r in sorted(rows, key=order):
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['family']} | {r['variant']} | {params} | {r['ms']:.3f} | {fmt(r['gflops'])} | "
-                     f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} |")
+                     f"{fmt(r['pct_peak'])} | {fmt(r['heap_mib'], 2)} | {fmt(r['workspace_mib'], 2)} | "
+                     f"{sci(r['max_err'])} |")
     lines += sparse_section(rows)
     lines += linear_section(rows)
     lines += synthesizer_section(rows)

@@ -54,18 +54,15 @@ def series(rows, key):
     return {g: sorted(v, key=lambda r: int(r["params"][key])) for g, v in groups.items()}
 
 
-def plot(rows, results, metric, ylabel, filename, title, only=None, logy=True):
-    groups = {g: v for g, v in series(rows, "n").items() if only is None or only(g)}
-    groups = {g: v for g, v in groups.items() if all(r[metric] is not None for r in v)}
-    if not groups:
-        return None
-    fig, ax = plt.subplots(figsize=(10, 6.5))
+def draw(ax, groups, metric, ylabel, title, logy, with_family):
+    """One panel: a line per series along n, causal dashed, d = 128 with square markers, legend beside it."""
     colors = plt.cm.tab20.colors
     for index, ((family, variant, rest), v) in enumerate(sorted(groups.items())):
-        style = "--" if "causal=1" in rest else "-"  # causal dashed, full solid
+        style = "--" if "causal=1" in rest else "-"
         marker = "s" if "d=128" in rest else "o"
-        ax.plot([int(r["params"]["n"]) for r in v], [r[metric] for r in v], style, marker=marker, markersize=4,
-                color=colors[index % len(colors)], label=f"{family} {variant} ({rest})")
+        label = f"{family} {variant} ({rest})" if with_family else f"{variant} ({rest})"
+        ax.plot([int(r["params"]["n"]) for r in v], [r[metric] for r in v], style, marker=marker, markersize=3,
+                color=colors[index % len(colors)], label=label)
     ax.set_xscale("log", base=2)
     if logy:
         ax.set_yscale("log")
@@ -73,10 +70,27 @@ def plot(rows, results, metric, ylabel, filename, title, only=None, logy=True):
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def plot(rows, results, metric, ylabel, filename, title, only=None, logy=True, per_family=False):
+    """A figure of `metric` against n: one panel per family (per_family), or one panel for the selected series."""
+    groups = {g: v for g, v in series(rows, "n").items() if only is None or only(g)}
+    groups = {g: v for g, v in groups.items() if all(r[metric] is not None for r in v)}
+    if not groups:
+        return None
+    families = sorted({g[0] for g in groups}) if per_family else [None]
+    cols = 2 if len(families) > 1 else 1
+    panel_rows = (len(families) + cols - 1) // cols
+    fig, axes = plt.subplots(panel_rows, cols, figsize=(11 * cols, 5 * panel_rows), squeeze=False)
+    for ax, family in zip(axes.flat, families):
+        subset = {g: v for g, v in groups.items() if family is None or g[0] == family}
+        draw(ax, subset, metric, ylabel, f"{title}: {family}" if family else title, logy, family is None)
+    for ax in list(axes.flat)[len(families):]:
+        ax.set_visible(False)
     fig.tight_layout()
     out = os.path.join(results, filename)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 
@@ -240,8 +254,10 @@ def main():
     if not rows:
         sys.exit(f"no benchmark results in {results}")
     written = [
-        plot(rows, results, "ms", "time per call (ms)", "time.png", "Time per call (solid: full, dashed: causal)"),
-        plot(rows, results, "heap_mib", "peak heap per call (MiB)", "memory.png", "Peak heap per call"),
+        plot(rows, results, "ms", "time per call (ms)", "time.png", "Time per call (solid: full, dashed: causal)",
+             per_family=True),
+        plot(rows, results, "heap_mib", "peak heap per call (MiB)", "memory.png", "Peak heap per call",
+             per_family=True),
         plot(rows, results, "ms", "time per call (ms)", "sparse.png", "Sparse patterns vs dense attention (d = 64)",
              only=lambda g: g[0] == "sparse"),
         plot(rows, results, "gflops", "GFLOP/s", "gflops.png", "Exact attention throughput (FLOPs = 4 d per pair)",

@@ -83,6 +83,14 @@ inline double relative_error(const Matrix<float>& actual, const Matrix<double>& 
   return (actual.cast<double>() - expected).cwiseAbs().maxCoeff() / scale;
 }
 
+/// The fused kernel's error on (q, k, v) against the materialising oracle in double.
+inline double fused_error(const Matrix<float>& q, const Matrix<float>& k, const Matrix<float>& v,
+                          const AttentionOptions& o = {}) {
+  return relative_error(scaled_dot_product_attention(q, k, v, o),
+                        reference::scaled_dot_product_attention(q.cast<double>().eval(), k.cast<double>().eval(),
+                                                                v.cast<double>().eval(), o));
+}
+
 /// Reports `max_err`: the benchmarked kernel's relative error against double precision on a small problem of the same
 /// kind, so that a fast but wrong kernel shows in the table. check() computes it once per distinct key.
 template <class F>

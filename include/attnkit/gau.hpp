@@ -279,15 +279,14 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
     for (Index i = 0; i < n; ++i) {
       S* row = a.data() + i * n;
       const Index count = mask.allowed_count(i);
-      mask.mask_row(i, 0, row, n, mask.row_range(i));
       Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>> r(row, n);
       detail::SoftmaxState<S> state;
       if (options.normalization == GauNormalization::kSoftmaxPlus) {
-        r *= plus.row_scale(i, scale(options));
+        detail::finish_logit_row(plus, i, scale(options), row, n);
         detail::SoftmaxWeights().step(row, n, state);
         r *= state.inverse_sum();
       } else {
-        r *= scale(options);
+        detail::finish_logit_row(mask, i, scale(options), row, n);
         weights(mask, options).step(row, n, state);
         r *= count > 0 ? static_cast<S>(weights(mask, options).finish(i, state)) : S(0);
       }

@@ -9,7 +9,8 @@
 #include "core/types.hpp"
 #include "sdpa.hpp"
 
-namespace attnkit::reference {
+namespace attnkit {
+namespace reference {
 
 /// \brief The n x m attention weights softmax(mask(scale * Q K^T + modifiers)); rows with no allowed key are zero.
 /// Same options and extras as attnkit::scaled_dot_product_attention. Memory O(n m).
@@ -30,9 +31,7 @@ Matrix<typename DQ::Scalar> attention_weights(const Eigen::MatrixBase<DQ>& q, co
       [&](const auto& mask) {
         for (Index i = 0; i < n; ++i) {
           S* row = p.data() + i * m;
-          p.row(i) *= mask.row_scale(i, scale);
-          if (mask.modifies_scores()) mask.modify_row(i, 0, row, m);
-          mask.mask_row(i, 0, row, m, mask.row_range(i));
+          detail::finish_logit_row(mask, i, scale, row, m);
           detail::SoftmaxState<S> state;
           detail::online_softmax_step(row, m, state);
           p.row(i) *= state.inverse_sum();
@@ -63,4 +62,5 @@ Matrix<typename DQ::Scalar> scaled_dot_product_attention(const Eigen::MatrixBase
   return out;
 }
 
-}  // namespace attnkit::reference
+}  // namespace reference
+}  // namespace attnkit

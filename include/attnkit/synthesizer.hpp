@@ -199,10 +199,7 @@ void synthesized_probabilities(const SynthesizedLogits<S>& logits, Index h, cons
       [&](Index t, int&) {
         for (Index i = t * kRowsPerTask; i < std::min(n, (t + 1) * kRowsPerTask); ++i) {
           S* row = p + i * stride;
-          const S factor = mask.row_scale(i, S(1));  // the fused loop folds it into q; here it scales the product
-          if (factor != S(1)) Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>>(row, n) *= factor;
-          mask.modify_row(i, 0, row, n);
-          mask.mask_row(i, 0, row, n, mask.row_range(i));
+          finish_logit_row(mask, i, S(1), row, n);
           SoftmaxState<S> state;
           online_softmax_step(row, n, state);
           Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>>(row, n) *= state.inverse_sum();

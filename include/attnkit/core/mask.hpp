@@ -185,6 +185,16 @@ class MaskModel {
   MaskExtras<S, AllowedFn, ScoreFn> extras_;
 };
 
+/// Turns row i's raw dot products q_i . k_j (row[0..m)) into its final logits: scale (with the log-n factor), score
+/// modifiers, then -inf for every key the mask hides. What the fused kernel does tile by tile, for a whole row (the
+/// materialising oracles and the analysis functions).
+template <class S, class Mask>
+void finish_logit_row(const Mask& mask, Index i, S scale, S* row, Index m) {
+  Eigen::Map<Eigen::Array<S, 1, Eigen::Dynamic>>(row, m) *= mask.row_scale(i, scale);
+  if (mask.modifies_scores()) mask.modify_row(i, 0, row, m);
+  mask.mask_row(i, 0, row, m, mask.row_range(i));
+}
+
 template <class T>
 inline constexpr bool is_eigen_v = std::is_base_of_v<Eigen::EigenBase<T>, T>;
 

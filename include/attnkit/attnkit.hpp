@@ -1,6 +1,7 @@
 // attnkit: umbrella header. Includes every kernel family.
 #pragma once
 
+#include "analysis.hpp"
 #include "core/error.hpp"
 #include "core/options.hpp"
 #include "core/positions.hpp"

@@ -63,6 +63,55 @@ TEST(Analysis, MaxAttainableWeightIsSoftmaxAtTheExtremeLogits) {
   expect_error([] { max_attainable_weight(4, -1); }, {"bound"});
 }
 
+TEST(PerturbedMasking, ImpactOfATokenTheEncoderIgnoresIsZero) {
+  // H(x)_i = x_i + sum of every row but row 2: token 2 never affects another token's encoding.
+  const auto encoder = [](const MatD& x) {
+    MatD h = x;
+    const MatD others = x.colwise().sum() - x.row(2);
+    h.rowwise() += others.row(0);
+    return h;
+  };
+  const MatD x = random_matrix<double>(6, 4, 1);
+  const MatD mask = MatD::Zero(1, 4);
+  const Matrix<double> impact = impact_matrix(encoder, x, mask);
+  for (Index i = 0; i < 6; ++i) {
+    EXPECT_EQ(impact(i, i), 0.0);
+    if (i != 2) {
+      EXPECT_NEAR(impact(i, 2), 0.0, 1e-12) << i;
+    }
+    // Any other token j moves row i by |x_j - mask| = |x_j|.
+    for (Index j = 0; j < 6; ++j) {
+      if (j != i && j != 2) {
+        EXPECT_NEAR(impact(i, j), x.row(j).norm(), 1e-12) << i << " " << j;
+      }
+    }
+  }
+  expect_error([&] { impact_matrix(encoder, x, MatD::Zero(1, 3)); }, {"mask_embedding", "1x3", "1x4"});
+  const auto bad = [](const MatD& in) { return MatD(in.topRows(1)); };
+  expect_error([&] { impact_matrix(bad, x, mask); }, {"encoder returned", "1x4"});
+}
+
+TEST(PerturbedMasking, SegmentsAndParseOfAHandMadeImpactMatrix) {
+  // Tokens 0-2 and 3-4 are two strongly coupled groups; inside the first, 0 and 1 are closer than 2.
+  MatD impact = MatD::Constant(5, 5, 0.1);
+  impact.block(0, 0, 3, 3).setConstant(1.0);
+  impact.block(0, 0, 2, 2).setConstant(2.0);
+  impact.block(3, 3, 2, 2).setConstant(1.5);
+  impact.diagonal().setZero();
+  EXPECT_EQ(segment(impact, 0.5), (std::vector<Index>{0, 3}));
+  EXPECT_EQ(segment(impact, 1.2), (std::vector<Index>{0, 2, 3}));
+  EXPECT_EQ(segment(impact, 5.0), (std::vector<Index>{0, 1, 2, 3, 4}));
+  const std::vector<ParseNode> tree = parse_tree(impact);
+  EXPECT_EQ(tree[0].begin, 0);
+  EXPECT_EQ(tree[0].end, 5);
+  EXPECT_EQ(tree[size_t(tree[0].left)].end, 3) << "the root splits between the groups";
+  EXPECT_EQ(bracketed(tree, {"a", "b", "c", "d", "e"}), "(((a b) c) (d e))");
+  EXPECT_EQ(tree.size(), 9u) << "a binary tree over 5 leaves has 9 nodes";
+  expect_error([] { segment(MatD::Zero(2, 3), 0); }, {"square", "2x3"});
+  expect_error([] { parse_tree(MatD::Zero(2, 3)); }, {"square"});
+  EXPECT_TRUE(parse_tree(MatD(0, 0)).empty());
+}
+
 template <class S>
 class AnalysisTyped : public ::testing::Test {};
 using Scalars = ::testing::Types<float, double>;

@@ -1,9 +1,11 @@
 // attnkit: small functions for analysing attention (SPEC section 6): row entropy, the concentration metric, the
-// largest weight bounded logits allow, and the weights of chosen rows recomputed from the log-sum-exp the fused kernel
-// stores, without an n x m matrix.
+// largest weight bounded logits allow, the weights of chosen rows recomputed from the log-sum-exp the fused kernel
+// stores (without an n x m matrix), and Perturbed Masking's impact matrix, segmentation and parse.
 #pragma once
 
 #include <cmath>
+#include <limits>
+#include <string>
 #include <vector>
 
 #include "core/error.hpp"
@@ -85,6 +87,98 @@ Matrix<typename DQ::Scalar> attention_weights_from_lse(const Eigen::MatrixBase<D
     for (Index j = 0; j < m; ++j) p(r, j) = std::isinf(shift) && shift < 0 ? S(0) : std::exp(p(r, j) - shift);
   }
   return p;
+}
+
+/// \brief Perturbed Masking (Wu et al. 2020): impact(i, j) = |H(x \\ i)_i - H(x \\ {i, j})_i|_2, how much token j
+/// matters to token i's encoding once i itself is masked; `\\` replaces tokens by `mask_embedding` (1 x d). The
+/// encoder is any callable mapping an n x d matrix to an n x d' matrix (n rows out). The diagonal is 0. Costs n^2
+/// encoder calls.
+template <class Encoder, class D, class DM>
+Matrix<double> impact_matrix(const Encoder& encoder, const Eigen::MatrixBase<D>& x,
+                             const Eigen::MatrixBase<DM>& mask_embedding) {
+  using S = typename D::Scalar;
+  constexpr const char* kWhere = "impact_matrix";
+  if (mask_embedding.rows() != 1 || mask_embedding.cols() != x.cols())
+    detail::fail(kWhere, "mask_embedding is ", detail::shape_str(mask_embedding.rows(), mask_embedding.cols()),
+                 " but must be 1 x d = ", detail::shape_str(1, x.cols()));
+  const Index n = x.rows();
+  Matrix<double> impact = Matrix<double>::Zero(n, n);
+  const auto encode = [&](const Matrix<S>& input) {
+    Matrix<S> h = encoder(input);
+    if (h.rows() != n)
+      detail::fail(kWhere, "the encoder returned ", detail::shape_str(h.rows(), h.cols()), " for an input of ",
+                   detail::shape_str(n, x.cols()), "; it must return one row per token");
+    return h;
+  };
+  for (Index i = 0; i < n; ++i) {
+    Matrix<S> without_i = x;
+    without_i.row(i) = mask_embedding;
+    const Matrix<S> h_i = encode(without_i);
+    for (Index j = 0; j < n; ++j) {
+      if (j == i) continue;
+      Matrix<S> without_ij = without_i;
+      without_ij.row(j) = mask_embedding;
+      impact(i, j) = (h_i.row(i) - encode(without_ij).row(i)).template cast<double>().norm();
+    }
+  }
+  return impact;
+}
+
+/// \brief Segments tokens by an impact matrix: neighbours i and i + 1 share a segment when their mean impact
+/// (impact(i, i + 1) + impact(i + 1, i)) / 2 exceeds `threshold`. Returns the first token of every segment (0 first).
+inline std::vector<Index> segment(const Matrix<double>& impact, double threshold) {
+  if (impact.rows() != impact.cols())
+    detail::fail("segment", "impact must be square, got ", detail::shape_str(impact.rows(), impact.cols()));
+  std::vector<Index> starts;
+  for (Index i = 0; i < impact.rows(); ++i)
+    if (i == 0 || (impact(i - 1, i) + impact(i, i - 1)) / 2 <= threshold) starts.push_back(i);
+  return starts;
+}
+
+/// \brief One node of a parse tree over tokens [begin, end); children index into the tree, -1 for a leaf.
+struct ParseNode {
+  Index begin, end;
+  int left = -1, right = -1;
+};
+
+/// \brief Unlabelled binary parse of tokens [0, n) from an impact matrix (Wu et al. 2020): a span [b, e) splits at the
+/// k in (b, e) that maximises the mean impact within the two parts minus the mean impact across them, recursively,
+/// down to single tokens. Node 0 is the root. O(n^3) time.
+inline std::vector<ParseNode> parse_tree(const Matrix<double>& impact) {
+  if (impact.rows() != impact.cols())
+    detail::fail("parse_tree", "impact must be square, got ", detail::shape_str(impact.rows(), impact.cols()));
+  std::vector<ParseNode> tree;
+  if (impact.rows() == 0) return tree;
+  // Sum of impact over ordered pairs (i, j), i != j, with i in [a, b) and j in [c, e).
+  const auto block_sum = [&](Index a, Index b, Index c, Index e) { return impact.block(a, c, b - a, e - c).sum(); };
+  const auto mean = [](double sum, double pairs) { return pairs > 0 ? sum / pairs : 0.0; };
+  const auto build = [&](auto&& self, Index b, Index e) -> int {
+    const int node = int(tree.size());
+    tree.push_back({b, e});
+    if (e - b < 2) return node;
+    Index best = b + 1;
+    double best_score = -std::numeric_limits<double>::infinity();
+    for (Index k = b + 1; k < e; ++k) {
+      const double l = double(k - b), r = double(e - k);
+      const double within = mean(block_sum(b, k, b, k) + block_sum(k, e, k, e), l * (l - 1) + r * (r - 1));
+      const double across = mean(block_sum(b, k, k, e) + block_sum(k, e, b, k), 2 * l * r);
+      if (within - across > best_score) best_score = within - across, best = k;
+    }
+    const int left = self(self, b, best);
+    const int right = self(self, best, e);
+    tree[size_t(node)].left = left, tree[size_t(node)].right = right;
+    return node;
+  };
+  build(build, 0, impact.rows());
+  return tree;
+}
+
+/// \brief The tree as brackets over the tokens' names, e.g. "((the cat) sat)".
+inline std::string bracketed(const std::vector<ParseNode>& tree, const std::vector<std::string>& tokens, int node = 0) {
+  if (tree.empty()) return "";
+  const ParseNode& t = tree[size_t(node)];
+  if (t.left < 0) return tokens.at(size_t(t.begin));
+  return "(" + bracketed(tree, tokens, t.left) + " " + bracketed(tree, tokens, t.right) + ")";
 }
 
 }  // namespace attnkit

@@ -107,30 +107,30 @@ MatD probabilities(const MatD& b, const AttentionOptions& o) {
   return p;
 }
 
+/// logits(h) for every head h.
+template <class F>
+std::vector<MatD> each_head(const SynthesizerConfig& c, const F& logits) {
+  std::vector<MatD> b;
+  for (Index h = 0; h < c.heads; ++h) b.push_back(logits(h));
+  return b;
+}
+
 /// The logits of every head of a layer, in double.
 template <class S>
 std::vector<MatD> layer_logits(const DenseSynthesizer<S>& l, const MatD& x, const AttentionOptions&) {
-  std::vector<MatD> b;
-  for (Index h = 0; h < l.config().heads; ++h) b.push_back(dense_logits<S>(l, l.config(), x, h));
-  return b;
+  return each_head(l.config(), [&](Index h) { return dense_logits<S>(l, l.config(), x, h); });
 }
 template <class S>
 std::vector<MatD> layer_logits(const RandomSynthesizer<S>& l, const MatD& x, const AttentionOptions&) {
-  std::vector<MatD> b;
-  for (Index h = 0; h < l.config().heads; ++h) b.push_back(random_logits<S>(l, l.config(), x, h));
-  return b;
+  return each_head(l.config(), [&](Index h) { return random_logits<S>(l, l.config(), x, h); });
 }
 template <class S>
 std::vector<MatD> layer_logits(const FactorizedDenseSynthesizer<S>& l, const MatD& x, const AttentionOptions&) {
-  std::vector<MatD> b;
-  for (Index h = 0; h < l.config().heads; ++h) b.push_back(factorized_dense_logits<S>(l, l.config(), x, h));
-  return b;
+  return each_head(l.config(), [&](Index h) { return factorized_dense_logits<S>(l, l.config(), x, h); });
 }
 template <class S>
 std::vector<MatD> layer_logits(const FactorizedRandomSynthesizer<S>& l, const MatD& x, const AttentionOptions&) {
-  std::vector<MatD> b;
-  for (Index h = 0; h < l.config().heads; ++h) b.push_back(factorized_random_logits<S>(l, l.config(), x, h));
-  return b;
+  return each_head(l.config(), [&](Index h) { return factorized_random_logits<S>(l, l.config(), x, h); });
 }
 template <class S>
 std::vector<MatD> layer_logits(const MixtureSynthesizer<S>& l, const MatD& x, const AttentionOptions& o) {

@@ -6,6 +6,8 @@
 // usage: gau_init
 #include <attnkit/attnkit.hpp>
 
+#include "claims.hpp"
+
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -21,16 +23,7 @@ using attnkit::Matrix;
 
 namespace {
 
-int failures = 0;
-
-/// Prints a measurement next to SPEC's value and checks it lies in [lo, hi].
-void report(const char* what, double measured, const char* stated, double lo, double hi) {
-  const bool ok = measured >= lo && measured <= hi;
-  std::printf("  %-48s %10.4g   SPEC: %-8s range [%g, %g]  %s\n", what, measured, stated, lo, hi, ok ? "ok" : "OUT");
-  failures += ok ? 0 : 1;
-}
-
-void show(const char* what, double measured) { std::printf("  %-48s %10.4g\n", what, measured); }
+Claims claims;
 
 double rms(const Matrix<float>& x) { return std::sqrt(double(x.squaredNorm()) / double(x.size())); }
 
@@ -73,8 +66,8 @@ int main() {
     m1 += phi / kSamples, m2 += phi * phi / kSamples;
   }
   std::printf("SiLU of N(0, 1):\n");
-  report("E[phi]", m1, "0.2066", 0.2036, 0.2096);
-  report("E[phi^2]", m2, "0.3557", 0.3507, 0.3607);
+  claims.check("E[phi]", m1, "0.2066", 0.2036, 0.2096);
+  claims.check("E[phi^2]", m2, "0.3557", 0.3507, 0.3607);
 
   std::printf("\nGAU at initialisation, n = %ld, d = %ld, e = %ld, s = %ld, X ~ N(0, 1):\n", long(n), long(d),
               long(c.expansion), long(c.shared));
@@ -86,14 +79,14 @@ int main() {
     const Diagonal a = diagonal(lecun.attention_weights(x, o));
     const double ratio = rms(lecun.forward(x, o)) / rms(x);
     std::printf(" LeCun normal, %s:\n", relu ? "relu2 / n (= relu2 / (n s))" : "softmax_plus");
-    show("mean diagonal attention weight", a.diag);
-    show("mean off-diagonal attention weight", a.off);
+    Claims::show("mean diagonal attention weight", a.diag);
+    Claims::show("mean off-diagonal attention weight", a.off);
     if (relu) {
-      report("diagonal / off-diagonal", a.diag / a.off, "about 46", 30, 65);
-      report("RMS(GAU(X)) / RMS(X)", ratio, "0.06", 0.04, 0.08);
+      claims.check("diagonal / off-diagonal", a.diag / a.off, "about 46", 30, 65);
+      claims.check("RMS(GAU(X)) / RMS(X)", ratio, "0.06", 0.04, 0.08);
     } else {
-      report("diagonal / off-diagonal", a.diag / a.off, "diag.dom", 10, 100);
-      report("RMS(GAU(X)) / RMS(X)", ratio, "0.13", 0.09, 0.17);
+      claims.check("diagonal / off-diagonal", a.diag / a.off, "diag.dom", 10, 100);
+      claims.check("RMS(GAU(X)) / RMS(X)", ratio, "0.13", 0.09, 0.17);
     }
   }
   c.init = GauInit::kNormal, c.init_std = 0.02;
@@ -104,10 +97,10 @@ int main() {
     const Diagonal a = diagonal(paper.attention_weights(x, o));
     std::printf(" N(0, 0.02^2) (SPEC states no values), %s:\n",
                 norm == GauNormalization::kRelu2 ? "relu2" : "softmax_plus");
-    show("mean diagonal attention weight", a.diag);
-    show("mean off-diagonal attention weight", a.off);
-    show("diagonal / off-diagonal", a.diag / a.off);
-    show("RMS(GAU(X)) / RMS(X)", rms(paper.forward(x, o)) / rms(x));
+    Claims::show("mean diagonal attention weight", a.diag);
+    Claims::show("mean off-diagonal attention weight", a.off);
+    Claims::show("diagonal / off-diagonal", a.diag / a.off);
+    Claims::show("RMS(GAU(X)) / RMS(X)", rms(paper.forward(x, o)) / rms(x));
   }
 
   // 24 post-norm layers x <- LayerNorm(x + GAU_l(x)), each with its own LeCun weights: each step barely moves x.
@@ -123,7 +116,6 @@ int main() {
     std::printf("  layer %2d: %.4f%s", l + 1, change, (l + 1) % 4 == 0 ? "\n" : "   ");
     h = next;
   }
-  report("largest relative change per layer", largest, "small", 0, 0.12);
-  if (failures > 0) std::printf("\n%d measurement(s) out of range\n", failures);
-  return failures == 0 ? 0 : 1;
+  claims.check("largest relative change per layer", largest, "small", 0, 0.12);
+  return claims.exit_code();
 }

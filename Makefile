@@ -1,7 +1,8 @@
 # attnkit: the README's two commands.
 #   make test    installs what is missing, then configures, builds and runs every test
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
-# Other targets: test-asan (tests under AddressSanitizer + UBSan), bench-quick (smoke run),
+# Other targets: test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under
+# ThreadSanitizer), bench-quick (smoke run),
 # bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
@@ -11,7 +12,7 @@ BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_sy
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
-.PHONY: test test-asan bench bench-quick bench-compare deps clean
+.PHONY: test test-asan test-tsan bench bench-quick bench-compare deps clean
 
 deps:
 	@missing=""; \
@@ -35,6 +36,11 @@ test-asan: deps
 	cmake --preset asan
 	cmake --build --preset asan
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --preset asan
+
+test-tsan: deps
+	cmake --preset tsan
+	cmake --build --preset tsan
+	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ctest --preset tsan
 
 bench: deps
 	cmake --preset release

@@ -236,6 +236,43 @@ TEST(LinearFloatTest, LargeInputsNeverGiveInfOrNaN) {
   EXPECT_TRUE(efficient_attention(q, k, v).array().isFinite().all());
 }
 
+// Taylor's scores 1 + cos cancel for a query opposite to its keys: the true weights are 0, so the output is
+// 0 / (0 + eps) = 0, but float rounding leaves denominators of +-1e-7 and, before the guard, outputs of the size of
+// the values or larger (the fuzzer found 7.3 and then 165 for values in [-8, 8]). The row must be zero.
+TEST(LinearFloatTest, TaylorQueryOppositeToEveryKeyGetsNoWeightNotNoise) {
+  const Index n = 21, d = 7;
+  const Matrix<float> q = Matrix<float>::Constant(n, d, 7.9375f), k = Matrix<float>::Constant(n, d, -8.f);
+  const Matrix<float> v = random_matrix<float>(n, 3, 4) * 8.f;
+  for (const bool causal : {false, true})
+    for (const Index chunk : {Index(0), Index(1), Index(8)}) {
+      LinearOptions o;
+      o.causal = causal, o.chunk = chunk;
+      const Matrix<float> out = linear_attention(q, k, v, Taylor{}, o);
+      EXPECT_EQ(out.cwiseAbs().maxCoeff(), 0.f) << "causal " << causal << ", chunk " << chunk;
+      LinearAttentionState<float, Taylor> state(Taylor{}, d, 3);
+      EXPECT_EQ(state.step(q, k, v).cwiseAbs().maxCoeff(), 0.f) << "recurrent, causal " << causal;
+    }
+  // A query only partly opposite keeps its (well-conditioned) weights: the guard changes nothing there.
+  Matrix<float> mixed = k;
+  mixed.row(3).setConstant(8.f);
+  const MatD want = quadratic(Features(taylor), testing::as_double(q), testing::as_double(mixed), testing::as_double(v), false, 1e-6);
+  EXPECT_TRUE(all_close(linear_attention(q, mixed, v, Taylor{}), want, 8e-5));  // 1e-5 of |v| <= 8
+}
+
+TEST(LinearFloatTest, NanFeaturesGiveNanRowsNotZeros) {
+  Matrix<float> q = random_matrix<float>(9, 4, 1);
+  const Matrix<float> k = random_matrix<float>(9, 4, 2), v = random_matrix<float>(9, 3, 3);
+  q(5, 2) = std::numeric_limits<float>::quiet_NaN();
+  for (const bool causal : {false, true}) {
+    LinearOptions o;
+    o.causal = causal;
+    for (const Matrix<float>& out : {linear_attention(q, k, v, EluPlusOne{}, o), linear_attention(q, k, v, Taylor{}, o)}) {
+      EXPECT_TRUE(out.row(5).array().isNaN().all()) << "causal " << causal;
+      EXPECT_TRUE(out.row(4).array().isFinite().all());
+    }
+  }
+}
+
 TEST(LinearErrorsTest, BadInputNamesTheArgument) {
   using testing::expect_error;
   const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);

@@ -14,6 +14,14 @@
 // `void map(const S* x, Index rows, Index d, FeatureRole role, S* out, Index ld) const`, writing the r features of
 // each of `rows` contiguous input rows (row stride d) to out (row stride ld). EluPlusOne, Relu, Taylor and
 // PerformerFeatures<S> below are the built-in ones; any type with these two members works.
+//
+// Denominators. With non-negative features (a map declaring `static constexpr bool kNonNegative = true`: EluPlusOne,
+// Relu, Performer) every score is >= 0 and each output row is a weighted mean of value rows, accurate to a few
+// rounding units. Features that may be negative (Taylor's 1 + cos, user maps) can cancel: a query opposite to all its
+// keys has a true denominator near 0 that rounding can make tiny or negative, and num / den would then be noise of
+// any size. For such maps a row whose denominator is within its own rounding error (see drop_rounding_level_rows)
+// gets no weight and a zero output, as a fully masked row does. A denominator <= 0 always gives a zero row; a NaN in
+// the features gives NaN.
 #pragma once
 
 #include <Eigen/QR>
@@ -48,6 +56,7 @@ struct LinearOptions {
 
 /// \brief phi(x) = elu(x) + 1 (Katharopoulos et al.): positive, r = d.
 struct EluPlusOne {
+  static constexpr bool kNonNegative = true;  ///< features >= 0: scores cannot cancel (see "Denominators" above)
   Index features(Index d) const { return d; }
   template <class S>
   void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
@@ -60,6 +69,7 @@ struct EluPlusOne {
 
 /// \brief phi(x) = max(x, 0) + floor: r = d. The floor (default 1e-3) keeps every row's denominator positive.
 struct Relu {
+  static constexpr bool kNonNegative = true;
   double floor = 1e-3;
   Index features(Index d) const { return d; }
   template <class S>
@@ -102,6 +112,7 @@ struct Taylor {
 template <class S>
 class PerformerFeatures {
  public:
+  static constexpr bool kNonNegative = true;
   /// default_features(d) random features for inputs of d columns, seed 0, orthogonal blocks.
   explicit PerformerFeatures(Index d) : PerformerFeatures(d, default_features(d)) {}
 
@@ -218,15 +229,27 @@ void small_gemm(const S* a, Index lda, Index rows, const S* b, Index ldb, Index 
                          accumulate ? ones.data() : nullptr);
 }
 
-/// The linear-attention state of one sequence: S = sum_j psi(k_j) v_j^T (r x dv, padded) and z = sum_j psi(k_j).
+/// Whether Map declares `static constexpr bool kNonNegative = true` (its features are never negative).
+template <class Map, class = void>
+struct NonNegativeFeatures : std::false_type {};
+template <class Map>
+struct NonNegativeFeatures<Map, std::void_t<decltype(Map::kNonNegative)>> : std::bool_constant<Map::kNonNegative> {};
+
+/// The linear-attention state of one sequence: S = sum_j psi(k_j) v_j^T (r x dv, padded), z = sum_j psi(k_j), and,
+/// for maps whose features may be negative, z_abs = sum_j |psi(k_j)| and the number of keys (the rounding guard).
 template <class S>
 struct LinearState {
-  Matrix<S> s;  // r_pad x dv_pad
-  Vector<S> z;  // r_pad
+  Matrix<S> s;      // r_pad x dv_pad
+  Vector<S> z;      // r_pad
+  Vector<S> z_abs;  // r_pad
+  Index keys = 0;
   void reset(Index r_pad, Index dv_pad) {
     s = Matrix<S>::Zero(r_pad, dv_pad);
     z = Vector<S>::Zero(r_pad);
+    z_abs = Vector<S>::Zero(r_pad);
+    keys = 0;
   }
+  void add(const LinearState& other) { s += other.s, z += other.z, z_abs += other.z_abs, keys += other.keys; }
 };
 
 /// Scratch of one chunk: features, transposed key features, values, products.
@@ -276,29 +299,54 @@ void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>&
   }
 }
 
-/// Adds the prepared keys to the state: S += psi^T V, z += psi^T 1.
-template <class S>
+/// Adds the prepared keys to the state: S += psi^T V, z += psi^T 1 (and the guard's z_abs and key count).
+template <class Map, class S>
 void absorb_keys(const LinearShape& sh, const LinearScratch<S>& w, LinearState<S>& state) {
   const Index rows = w.psi.rows();
   small_gemm(w.psi_t.data(), w.psi_t.cols(), sh.r_pad, w.values.data(), sh.dv_pad, rows, sh.dv_pad, state.s.data(),
              sh.dv_pad, true);
   state.z += w.psi.colwise().sum().transpose();
+  if constexpr (!NonNegativeFeatures<Map>::value) state.z_abs += w.psi.cwiseAbs().colwise().sum().transpose();
+  state.keys += rows;
 }
 
-/// out rows = num / den row by row, den = phi . z (+ extra) + eps.
+/// out rows = num / den row by row, den = phi . z (+ extra) + eps. A row whose denominator is <= 0 has no weight
+/// and is zero; a NaN denominator stays NaN.
 template <class S>
 void write_normalised(const Matrix<S>& num, const Vector<S>& den, Index dv, S* out, Index out_stride) {
   for (Index i = 0; i < num.rows(); ++i) {
-    const S inv = den[i] > S(0) ? S(1) / den[i] : S(0);
+    const S inv = den[i] > S(0) ? S(1) / den[i] : den[i] <= S(0) ? S(0) : den[i];
     for (Index c = 0; c < dv; ++c) out[i * out_stride + c] = num(i, c) * inv;
   }
+}
+
+/// The rounding guard for maps whose features may be negative (Taylor, user maps). A score phi . psi is then
+/// computed with an error of about a rounding unit times |phi| . |psi|, so a denominator that is no larger than its
+/// summed errors, 2 u (r + c + keys / c + 4) |phi_i| . sum_j |psi_j| (sums over a chunk of c keys, then across
+/// chunks), carries no weight that can be told from zero: it can even come out negative. Such a row (for Taylor, a
+/// query opposite to all its keys, where 1 + cos cancels) is given no weight, like a fully masked row, instead of
+/// num / den with both at the rounding level. Marks it with den = -inf (the caller's write_normalised then writes 0).
+template <class S>
+void drop_rounding_level_rows(const LinearShape& sh, const LinearState<S>& state, bool with_chunk_keys,
+                              LinearScratch<S>& w, Index c) {
+  const Index rows = w.phi.rows();
+  const Matrix<S> phi_abs = w.phi.cwiseAbs();
+  Vector<S> bound = phi_abs * state.z_abs;
+  if (with_chunk_keys) {  // the chunk's own keys j <= i
+    const Matrix<S> inside = phi_abs * w.psi.cwiseAbs().transpose();
+    for (Index i = 0; i < rows; ++i) bound[i] += inside.row(i).head(i + 1).sum();
+  }
+  const Index keys = state.keys + (with_chunk_keys ? w.psi.rows() : 0);
+  const S units = S(2) * std::numeric_limits<S>::epsilon() * S(sh.r + c + keys / std::max<Index>(c, 1) + 4);
+  for (Index i = 0; i < rows; ++i)
+    if (w.den[i] <= units * bound[i] && bound[i] > S(0)) w.den[i] = -std::numeric_limits<S>::infinity();
 }
 
 /// Queries [i0, i0 + rows) against a state (all earlier keys), plus, for causal chunks, the prepared keys of the same
 /// chunk (j <= i within the chunk) by the masked quadratic form tril(phi psi^T).
 template <class S, class Map>
 void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows, const LinearShape& sh,
-                  const LinearState<S>& state, bool with_chunk_keys, S eps, LinearScratch<S>& w, S* out,
+                  const LinearState<S>& state, bool with_chunk_keys, Index c, S eps, LinearScratch<S>& w, S* out,
                   Index out_stride) {
   chunk_features(map, q, i0, rows, FeatureRole::kQuery, sh, w.x, w.phi);
   w.num.resize(rows, sh.dv_pad);
@@ -316,6 +364,7 @@ void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows,
     }
     small_gemm(w.scores.data(), cols, rows, w.values.data(), sh.dv_pad, rows, sh.dv_pad, w.num.data(), sh.dv_pad, true);
   }
+  if constexpr (!NonNegativeFeatures<Map>::value) drop_rounding_level_rows(sh, state, with_chunk_keys, w, c);
   den.array() += eps;
   write_normalised(w.num, den, sh.dv, out, out_stride);
 }
@@ -329,8 +378,8 @@ void causal_chunks(const Map& map, const StridedView<S>& q, const StridedView<S>
   for (Index i0 = 0; i0 < q.rows; i0 += c) {
     const Index rows = std::min(c, q.rows - i0);
     prepare_keys(map, k, v, i0, rows, sh, w);
-    chunk_output(map, q, i0, rows, sh, state, true, eps, w, out + i0 * out_stride, out_stride);
-    absorb_keys(sh, w, state);
+    chunk_output(map, q, i0, rows, sh, state, true, c, eps, w, out + i0 * out_stride, out_stride);
+    absorb_keys<Map>(sh, w, state);
   }
 }
 
@@ -372,14 +421,14 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
         state.reset(sh.r_pad, sh.dv_pad);
         for (Index t = p * chunks / parts; t < (p + 1) * chunks / parts; ++t) {
           prepare_keys(map, k, v, t * c, std::min(c, m - t * c), sh, w);
-          absorb_keys(sh, w, state);
+          absorb_keys<Map>(sh, w, state);
         }
       });
   LinearState<S> total = partial[0];
-  for (Index p = 1; p < parts; ++p) total.s += partial[size_t(p)].s, total.z += partial[size_t(p)].z;
+  for (Index p = 1; p < parts; ++p) total.add(partial[size_t(p)]);
   parallel_for((n + c - 1) / c, o.threads, [] { return LinearScratch<S>(); },
                [&](Index t, LinearScratch<S>& w) {
-                 chunk_output(map, q, t * c, std::min(c, n - t * c), sh, total, false, eps, w, out + t * c * out_stride,
+                 chunk_output(map, q, t * c, std::min(c, n - t * c), sh, total, false, c, eps, w, out + t * c * out_stride,
                               out_stride);
                });
 }
@@ -487,6 +536,7 @@ namespace detail {
 /// Efficient Attention's key features: exp(k - column max), the column max taken over all keys first.
 template <class S>
 struct ColumnExp {
+  static constexpr bool kNonNegative = true;
   const S* col_max;
   Index features(Index d) const { return d; }
   void map(const S* x, Index rows, Index d, FeatureRole, S* out, Index ld) const {
@@ -539,7 +589,7 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   detail::LinearScratch<S> w;
   for (Index j0 = 0; j0 < m; j0 += c) {
     detail::prepare_keys(keys, kv.view(), vv.view(), j0, std::min(c, m - j0), sh, w);
-    detail::absorb_keys(sh, w, state);
+    detail::absorb_keys<detail::ColumnExp<S>>(sh, w, state);
   }
   for (Index t = 0; t < d; ++t)
     if (state.z[t] > S(0)) state.s.row(t) /= state.z[t];

@@ -292,6 +292,20 @@ TYPED_TEST(SparseTest, RowsWithNoAllowedKeyAreZero) {
   EXPECT_TRUE(out2.bottomRows(5).isZero(0));
 }
 
+// Found by the fuzzer: with d_v = 0 the gathered (atrous) terms sized their partial log-sum-exps together with the
+// empty partial outputs, so never, and merged from past the end (an Eigen assertion under the asan preset).
+TYPED_TEST(SparseTest, ZeroValueColumnsWithGatheredTerms) {
+  using S = TypeParam;
+  const Matrix<S> q = random_matrix<S>(37, 2, 1), k = random_matrix<S>(11, 2, 2), v(11, 0);
+  AttentionOptions o;
+  o.align = CausalAlign::kTopLeft, o.window_left = 3, o.key_length = 4;
+  for (const SparsePattern& p : {SparsePattern::strided(4), SparsePattern::local_atrous(3), SparsePattern::fixed(4, 1)}) {
+    const Matrix<S> out = sparse_attention(q, k, v, p, o);
+    EXPECT_EQ(out.rows(), 37);
+    EXPECT_EQ(out.cols(), 0);
+  }
+}
+
 TYPED_TEST(SparseTest, EmptySequencesAndHugeParameters) {
   using S = TypeParam;
   const Matrix<S> q = random_matrix<S>(5, 4, 1), k = random_matrix<S>(6, 4, 2), v = random_matrix<S>(6, 3, 3);

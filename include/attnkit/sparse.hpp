@@ -609,7 +609,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
         [&](Index c, int threads, Partial& part) {
           const Call& call = calls[size_t(c)];
           const Index rows = call.q.rows;
-          if (part.out.size() < rows * dv) part.out.resize(rows * dv), part.lse.resize(rows);
+          if (part.out.size() < rows * dv) part.out.resize(rows * dv);
+          if (part.lse.size() < rows) part.lse.resize(rows);  // separately: with d_v = 0 there is no out to size
           const AttentionOutput<S> dst{part.out.data(), dv, part.lse.data()};
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;

@@ -2,21 +2,23 @@
 #   make test    installs what is missing, then configures, builds and runs every test
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
 # Other targets: test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under
-# ThreadSanitizer), bench-quick (smoke run),
+# ThreadSanitizer), fuzz (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke run),
 # bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
+FUZZ_PACKAGES := clang libclang-rt-14-dev
+FUZZ_SECONDS ?= 60
 PYTHON ?= /usr/bin/python3
 RESULTS := build/bench-results
 BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_synthesizer bench_gau
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
-.PHONY: test test-asan test-tsan bench bench-quick bench-compare deps clean
+.PHONY: test test-asan test-tsan fuzz bench bench-quick bench-compare deps clean
 
 deps:
 	@missing=""; \
-	for p in $(PACKAGES); do \
+	for p in $(or $(NEEDED),$(PACKAGES)); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -41,6 +43,16 @@ test-tsan: deps
 	cmake --preset tsan
 	cmake --build --preset tsan
 	TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ctest --preset tsan
+
+# The libFuzzer target (clang, ASan + UBSan, Eigen's assertions on) for FUZZ_SECONDS on the committed seed corpus;
+# new inputs go to build/fuzz/corpus, a finding to build/fuzz/crash-* (and a non-zero exit).
+fuzz:
+	@$(MAKE) --no-print-directory deps NEEDED="$(PACKAGES) $(FUZZ_PACKAGES)"
+	cmake --preset fuzz
+	cmake --build --preset fuzz
+	@mkdir -p build/fuzz/corpus
+	./build/fuzz/fuzz/fuzz_attention build/fuzz/corpus fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -max_len=2048 \
+	  -artifact_prefix=build/fuzz/ -print_final_stats=1
 
 bench: deps
 	cmake --preset release

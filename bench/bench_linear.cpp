@@ -58,6 +58,8 @@ void BM_Linear(benchmark::State& state) {
     };
     const int64_t heap = run_timed(state, call);
     state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+    if constexpr (!std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>)
+      report_workspace(state, linear_attention_workspace_bytes<float>(n, n, kD, kD, map, o));
   });
   report_error(state, std::to_string(id) + "/" + std::to_string(state.range(1)), [&] {  // n = 200, same map in double
     const Matrix<float> sq = q.topRows(200), sk = k.topRows(200), sv = v.topRows(200);
@@ -83,6 +85,8 @@ void BM_Exact(benchmark::State& state) {
   o.threads = int(state.range(2));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+  report_workspace(state, detail::resolve_threads(o.threads) *
+                              scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
   report_error(state, std::to_string(state.range(0)),
                [&] { return fused_error(q.topRows(200), k.topRows(200), v.topRows(200), o); });
 }
@@ -99,7 +103,7 @@ void BM_RecurrentStep(benchmark::State& state) {
       LinearAttentionState<float, Map> s(map, kD, kD);
       const Matrix<float> prefix = random_matrix<float>(length, kD, 4);
       s.step(prefix, prefix, prefix);  // the history, processed once, outside the timing
-      const int64_t heap = measure_peak_heap([&] { benchmark::DoNotOptimize(s.step(q, k, v).data()); });
+      const int64_t heap = heap::peak_during([&] { benchmark::DoNotOptimize(s.step(q, k, v).data()); });
       for (auto _ : state) benchmark::DoNotOptimize(s.step(q, k, v).data());
       state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
     }

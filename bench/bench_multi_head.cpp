@@ -32,7 +32,7 @@ void BM_MhaForward(benchmark::State& state) {
   const MultiHeadAttention<float> layer(config_of(s), 1);
   const Matrix<float> x = random_matrix<float>(n, s.width, 2);
   Matrix<float> out(n, s.width);
-  const int64_t heap = measure_peak_heap([&] { layer.forward_into(x, out); });
+  const int64_t heap = heap::peak_during([&] { layer.forward_into(x, out); });
   for (auto _ : state) {
     layer.forward_into(x, out);
     benchmark::ClobberMemory();
@@ -52,7 +52,7 @@ void BM_MhaAttentionOnly(benchmark::State& state) {
   const Matrix<float> q = random_matrix<float>(n, s.heads * d, 1), k = random_matrix<float>(n, s.kv_heads * d, 2);
   const Matrix<float> v = random_matrix<float>(n, s.kv_heads * d, 3);
   Matrix<float> out(n, s.heads * d);
-  const int64_t heap = measure_peak_heap([&] { multi_head_attention(q, k, v, out, s.heads, s.kv_heads); });
+  const int64_t heap = heap::peak_during([&] { multi_head_attention(q, k, v, out, s.heads, s.kv_heads); });
   for (auto _ : state) {
     multi_head_attention(q, k, v, out, s.heads, s.kv_heads);
     benchmark::ClobberMemory();
@@ -78,7 +78,7 @@ void BM_MhaDecodeStep(benchmark::State& state) {
   KVCache<float> cache = layer.make_cache(cached + 1);
   layer.forward_step(random_matrix<float>(cached, s.width, 2), cache);
   const Matrix<float> token = random_matrix<float>(1, s.width, 3);
-  const int64_t heap = measure_peak_heap([&] {
+  const int64_t heap = heap::peak_during([&] {
     layer.forward_step(token, cache);
     cache.truncate(cached);
   });

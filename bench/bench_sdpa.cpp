@@ -75,15 +75,14 @@ void BM_Fused(benchmark::State& state) {
       return scaled_dot_product_attention(small.q, small.k, small.v, so);
     });
   });
-  state.counters["workspace_MiB"] =
-      double(threads * scaled_dot_product_attention_workspace_bytes<float>(p.n, p.n, p.d, p.d, o)) / (1 << 20);
+  report_workspace(state, threads * scaled_dot_product_attention_workspace_bytes<float>(p.n, p.n, p.d, p.d, o));
 }
 
 void BM_EigenCareful(benchmark::State& state) {
   const Problem p(state.range(0), state.range(1), state.range(2) != 0);
   int64_t heap = 0;
   {
-    heap = measure_peak_heap([&] { CarefulEigen(p.n, p.d).run(p); });
+    heap = heap::peak_during([&] { CarefulEigen(p.n, p.d).run(p); });
   }
   CarefulEigen eigen(p.n, p.d);
   for (auto _ : state) {
@@ -103,7 +102,7 @@ void BM_EigenCareful(benchmark::State& state) {
 void BM_Reference(benchmark::State& state) {
   const Problem p(state.range(0), state.range(1), state.range(2) != 0);
   const AttentionOptions o = options_of(p, 1);
-  const int64_t heap = measure_peak_heap([&] { reference::scaled_dot_product_attention(p.q, p.k, p.v, o); });
+  const int64_t heap = heap::peak_during([&] { reference::scaled_dot_product_attention(p.q, p.k, p.v, o); });
   for (auto _ : state) benchmark::DoNotOptimize(reference::scaled_dot_product_attention(p.q, p.k, p.v, o).data());
   report(state, p.flops(), 1, heap);
   report_error(state, error_key(state), [&] {

@@ -72,6 +72,7 @@ void BM_Sparse(benchmark::State& state) {
                           reference::sparse_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
                                                       sv.cast<double>().eval(), sp));
   });
+  report_workspace(state, sparse_attention_workspace_bytes<float>(n, n, kD, kD, p, o));
   state.counters["keys_per_query"] = pairs / double(n);
   state.SetLabel(kPatternNames[state.range(0)]);
 }
@@ -85,6 +86,8 @@ void BM_Dense(benchmark::State& state) {
   o.threads = int(state.range(1));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(n) * double(n), kD, kD), o.threads, heap);
+  report_workspace(state, detail::resolve_threads(o.threads) *
+                              scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
   report_error(state, "dense", [&] { return fused_error(q.topRows(1000), k.topRows(1000), v.topRows(1000)); });
   state.counters["keys_per_query"] = double(n);
 }

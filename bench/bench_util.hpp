@@ -6,6 +6,8 @@
 
 #include <attnkit/attnkit.hpp>
 
+#include "../support/counting_malloc.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -15,30 +17,15 @@
 
 namespace attnkit::bench {
 
-struct HeapStats {
-  int64_t current, peak, allocs, total;
-};
-HeapStats heap_stats();  // counting_malloc.cpp
-void reset_heap_peak();
-
-/// Peak heap bytes above the starting level while `call` runs once.
-template <class F>
-int64_t measure_peak_heap(const F& call) {
-  reset_heap_peak();
-  const int64_t before = heap_stats().current;
-  call();
-  return heap_stats().peak - before;
-}
-
 /// Google Benchmark's MemoryManager over the counting malloc (its figures appear in the JSON output).
 class HeapManager : public benchmark::MemoryManager {
  public:
   void Start() override {
-    reset_heap_peak();
-    start_ = heap_stats();
+    heap::reset_peak();
+    start_ = heap::stats();
   }
   void Stop(Result* result) override {
-    const HeapStats end = heap_stats();
+    const heap::Stats end = heap::stats();
     result->num_allocs = end.allocs - start_.allocs;
     result->max_bytes_used = end.peak - start_.current;
     result->total_allocated_bytes = end.total - start_.total;
@@ -46,7 +33,7 @@ class HeapManager : public benchmark::MemoryManager {
   }
 
  private:
-  HeapStats start_{};
+  heap::Stats start_{};
 };
 
 /// fp32 FMA throughput of one core in FLOP/s: 12 independent chains of packet FMAs, enough to cover the latency of
@@ -65,10 +52,15 @@ inline void report(benchmark::State& state, double flops, int threads, int64_t h
   state.counters["heap_MiB"] = double(heap_bytes) / (1024.0 * 1024.0);
 }
 
+/// The library's documented workspace of the call (its *_workspace_bytes function), next to the measured heap.
+inline void report_workspace(benchmark::State& state, Index bytes) {
+  state.counters["workspace_MiB"] = double(bytes) / (1024.0 * 1024.0);
+}
+
 /// Measures the peak heap of one `call`, then times it in the benchmark loop; returns the heap bytes.
 template <class F>
 int64_t run_timed(benchmark::State& state, const F& call) {
-  const int64_t heap = measure_peak_heap(call);
+  const int64_t heap = heap::peak_during(call);
   for (auto _ : state) {
     call();
     benchmark::ClobberMemory();

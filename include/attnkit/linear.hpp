@@ -473,6 +473,29 @@ Matrix<typename DQ::Scalar> linear_attention(const Eigen::MatrixBase<DQ>& q, con
   return out;
 }
 
+/// \brief An upper bound on the heap one linear_attention call with a caller-provided `out` allocates, for r =
+/// map.features(d) features and chunks of c rows: the state (r x d_v plus 2 r) and one chunk's scratch (inputs,
+/// features, values, products and the c x c in-chunk scores: O(c (d + r + d_v + c) + r d_v)); non-causal, the state
+/// of each of up to 8 key parts plus one scratch per worker thread. Independent of n and m; never n x m. Whatever the
+/// feature map allocates itself is not included (PerformerFeatures keeps rows x (d + features) per thread).
+template <class S, class Map>
+Index linear_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const Map& map,
+                                       const LinearOptions& options = {}) {
+  constexpr const char* kWhere = "linear_attention_workspace_bytes";
+  detail::check_attention_shapes(kWhere, n, d, m, d, m, d_v);
+  detail::check_linear_options(kWhere, options);
+  const detail::LinearShape sh = detail::linear_shape<S>(map, d, d_v);
+  const Index c = detail::linear_chunk(options), packet = detail::KernelShape<S>::kPacket;
+  const Index c_pad = detail::round_up(c, packet), scalar = Index(sizeof(S)), per_allocation = 128;
+  const Index state = (sh.r_pad * sh.dv_pad + 2 * sh.r_pad) * scalar + 3 * per_allocation;
+  const Index scratch = (c * d + 4 * c * sh.r_pad + sh.r_pad * c_pad + 2 * c * sh.dv_pad + 2 * c * c_pad + 3 * c) *
+                            scalar + 12 * per_allocation;
+  if (options.causal) return state + scratch;
+  const Index chunks = (m + c - 1) / c, parts = std::min(detail::kLinearKeyParts, std::max<Index>(chunks, 1));
+  const Index threads = detail::resolve_threads(options.threads);
+  return (parts + 1) * state + threads * scratch + parts * Index(sizeof(detail::LinearState<S>));
+}
+
 /// \brief The recurrent form of causal linear attention: the state of one sequence, fed a token or a block of tokens
 /// at a time. O(r d_v) memory whatever the length; feeding a sequence in any blocks equals causal linear_attention.
 template <class S, class Map>

@@ -101,8 +101,9 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
   detail::sdpa_into(kWhere, q, k, v, {out.data(), out.outerStride(), lse.data()}, options, extras...);
 }
 
-/// \brief Bytes of workspace one thread of the fused kernel allocates for this problem (the whole heap cost of a
-/// call with a caller-provided `out`, times the number of threads).
+/// \brief Bytes of workspace one thread of the fused kernel allocates for this problem. Times the number of threads
+/// it is the heap cost of a call with a caller-provided `out`, apart from about 1 KiB of bookkeeping (allocator
+/// rounding, the thread pool's) per call.
 template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {

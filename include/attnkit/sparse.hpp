@@ -552,19 +552,13 @@ std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<
   return calls;
 }
 
+/// Tile shapes for the direct call, unless the caller chose. Block layouts: tiles aligned with the blocks. Bands: a
+/// key tile that holds a whole query tile's band (query rows + band width), so each query tile is one key tile whose
+/// ragged edges the strip limits trim (measured: local(128) at n = 16384 is 10% faster than with 256-key tiles).
 template <class S>
-void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
-                 const SparsePattern& pattern, const AttentionOptions& options, const AttentionOutput<S>& out) {
-  using Call = AttentionCall<S, SparseMask<S>>;
-  const Index n = q.rows, m = k.rows, dv = v.cols;
-  SparseProblem<S> p(where, pattern, n, m, options);
-  const S scale = resolve_scale<S>(options, q.cols);
-
-  // Tile shapes for the direct call, unless the caller chose. Block layouts: tiles aligned with the blocks. Bands: a
-  // key tile that holds a whole query tile's band (query rows + band width), so each query tile is one key tile whose
-  // ragged edges the strip limits trim (measured: local(128) at n = 16384 is 10% faster than with 256-key tiles).
+AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionOptions& options) {
   AttentionOptions o = options;
-  const Index default_rows = plan_tiles<S>(n, m, {}).rows;
+  const Index default_rows = plan_tiles<S>(p.n, p.m, {}).rows;
   for (const auto& t : p.direct) {
     if (t.kind == SparsePattern::Kind::kBlocks && o.query_tile == 0 && o.key_tile == 0) {
       o.query_tile = t.rate * std::max<Index>(1, default_rows / t.rate);
@@ -575,6 +569,17 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       o.key_tile = std::clamp<Index>(rows + t.left + t.right + 1, o.key_tile, 1024);
     }
   }
+  return o;
+}
+
+template <class S>
+void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
+                 const SparsePattern& pattern, const AttentionOptions& options, const AttentionOutput<S>& out) {
+  using Call = AttentionCall<S, SparseMask<S>>;
+  const Index n = q.rows, m = k.rows, dv = v.cols;
+  SparseProblem<S> p(where, pattern, n, m, options);
+  const S scale = resolve_scale<S>(options, q.cols);
+  AttentionOptions o = sparse_tile_options<S>(p, options);
 
   Vector<S> row_scales;
   if (o.log_n_scale) {
@@ -679,4 +684,37 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 }
 
 }  // namespace reference
+
+/// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
+/// thread the fused tile workspace of the pattern's tile shapes, n log-sum-exps (and n row scales with log-n scaling),
+/// and, when the pattern has atrous or summary-column terms, each worker's partial output of at most 4096 rows x d_v
+/// with its tile workspace, plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
+/// n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
+template <class S>
+Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,
+                                       const AttentionOptions& options = {}) {
+  constexpr const char* kWhere = "sparse_attention_workspace_bytes";
+  detail::check_attention_shapes(kWhere, n, d_k, m, d_k, m, d_v);
+  detail::validate_options(kWhere, options, m);
+  const detail::SparseProblem<S> p(kWhere, pattern, n, m, options);
+  const Index threads = detail::resolve_threads(options.threads), scalar = Index(sizeof(S));
+  const auto workspace = [&](Index rows, Index keys, const AttentionOptions& o) {
+    return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(rows, keys, o), d_k, d_v);
+  };
+  constexpr Index kBookkeeping = 4096;  // the problem's term lists and the allocator's rounding, per thread and call
+  Index bytes = threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + n * scalar +
+                (threads + 1) * kBookkeeping;
+  if (options.log_n_scale) bytes += n * scalar;
+  for (const auto& t : p.gathered) {
+    // A residue class holds about n / k queries and m / k keys; summary columns all n queries and their columns.
+    const bool columns = t.kind == SparsePattern::Kind::kColumns;
+    const Index queries = columns ? n : n / t.rate + 1, keys = columns ? t.count * (m / t.rate + 1) : m / t.rate + 1;
+    const Index rows = std::min(queries, detail::kSparseRows);
+    const Index calls = (columns ? 1 : t.rate) * ((queries + rows - 1) / rows);
+    bytes += threads * (rows * (d_v + 1) * scalar + workspace(rows, std::min(keys, m), options)) +
+             calls * Index(sizeof(detail::AttentionCall<S, detail::SparseMask<S>>));
+  }
+  return bytes;
+}
+
 }  // namespace attnkit

@@ -1,5 +1,6 @@
-// Heap accounting for the benchmarks: interposes glibc's malloc family so every allocation (Eigen's aligned_malloc,
-// operator new, std containers) is counted. Linked into each benchmark binary, never into the library.
+// Heap accounting for the benchmarks and the large-input test: interposes glibc's malloc family so every allocation
+// (Eigen's aligned_malloc, operator new, std containers) is counted. Linked into those binaries, never into the
+// library, and never into sanitizer builds (which replace malloc themselves).
 #include <malloc.h>
 
 #include <atomic>
@@ -8,7 +9,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "bench_util.hpp"
+#include "counting_malloc.hpp"
 
 extern "C" {
 void* __libc_malloc(size_t);
@@ -76,7 +77,7 @@ int posix_memalign(void** out, size_t alignment, size_t size) {
 }
 }
 
-namespace attnkit::bench {
-HeapStats heap_stats() { return {g_current.load(), g_peak.load(), g_allocs.load(), g_total.load()}; }
-void reset_heap_peak() { g_peak.store(g_current.load()); }
-}  // namespace attnkit::bench
+namespace attnkit::heap {
+Stats stats() { return {g_current.load(), g_peak.load(), g_allocs.load(), g_total.load()}; }
+void reset_peak() { g_peak.store(g_current.load()); }
+}  // namespace attnkit::heap

@@ -176,6 +176,11 @@ inline std::vector<ParseNode> parse_tree(const Matrix<double>& impact) {
 /// \brief The tree as brackets over the tokens' names, e.g. "((the cat) sat)".
 inline std::string bracketed(const std::vector<ParseNode>& tree, const std::vector<std::string>& tokens, int node = 0) {
   if (tree.empty()) return "";
+  if (node < 0 || size_t(node) >= tree.size())
+    detail::fail("bracketed", "node ", node, " is outside the tree of ", tree.size(), " nodes");
+  if (Index(tokens.size()) < tree.front().end)
+    detail::fail("bracketed", "the tree covers ", tree.front().end, " tokens but ", tokens.size(),
+                 " token names were given");
   const ParseNode& t = tree[size_t(node)];
   if (t.left < 0) return tokens.at(size_t(t.begin));
   return "(" + bracketed(tree, tokens, t.left) + " " + bracketed(tree, tokens, t.right) + ")";

@@ -482,7 +482,7 @@ template <class S, class Map>
 Index linear_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const Map& map,
                                        const LinearOptions& options = {}) {
   constexpr const char* kWhere = "linear_attention_workspace_bytes";
-  detail::check_attention_shapes(kWhere, n, d, m, d, m, d_v);
+  detail::check_sizes(kWhere, n, m, d, d_v);
   detail::check_linear_options(kWhere, options);
   const detail::LinearShape sh = detail::linear_shape<S>(map, d, d_v);
   const Index c = detail::linear_chunk(options), packet = detail::KernelShape<S>::kPacket;

@@ -107,6 +107,7 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
 template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {
+  detail::check_sizes("scaled_dot_product_attention_workspace_bytes", n, m, d_k, d_v);
   return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(n, m, options), d_k, d_v);
 }
 

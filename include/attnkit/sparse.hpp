@@ -680,6 +680,9 @@ template <class DQ, class DK, class DV>
 Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k,
                                              const Eigen::MatrixBase<DV>& v, const SparsePattern& pattern,
                                              const AttentionOptions& options = {}) {
+  if (pattern.empty())
+    detail::fail("reference::sparse_attention",
+                 "the pattern is empty (no key for any query); build it with the SparsePattern factories");
   return reference::scaled_dot_product_attention(q, k, v, options, pattern.mask(q.rows(), k.rows(), options));
 }
 
@@ -694,7 +697,7 @@ template <class S>
 Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,
                                        const AttentionOptions& options = {}) {
   constexpr const char* kWhere = "sparse_attention_workspace_bytes";
-  detail::check_attention_shapes(kWhere, n, d_k, m, d_k, m, d_v);
+  detail::check_sizes(kWhere, n, m, d_k, d_v);
   detail::validate_options(kWhere, options, m);
   const detail::SparseProblem<S> p(kWhere, pattern, n, m, options);
   const Index threads = detail::resolve_threads(options.threads), scalar = Index(sizeof(S));

@@ -72,6 +72,13 @@ inline void check_attention_shapes(const char* where, Index n, Index dq, Index m
   if (mv != m) fail(where, "v must have as many rows as k (one value per key)", shapes());
 }
 
+/// Sizes given as numbers (the *_workspace_bytes functions): n, m, d_v >= 0 and d_k >= 1.
+inline void check_sizes(const char* where, Index n, Index m, Index dk, Index dv) {
+  if (n < 0 || m < 0 || dk < 1 || dv < 0)
+    fail(where, "needs n >= 0, m >= 0, d_k >= 1 and d_v >= 0; got n = ", n, ", m = ", m, ", d_k = ", dk,
+         ", d_v = ", dv);
+}
+
 /// A caller's output buffer must be n x d_v.
 inline void check_out_shape(const char* where, Index rows, Index cols, Index n, Index dv) {
   if (rows != n || cols != dv)

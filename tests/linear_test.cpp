@@ -273,6 +273,24 @@ TEST(LinearFloatTest, NanFeaturesGiveNanRowsNotZeros) {
   }
 }
 
+// Found by the numerics contract test: inside a causal chunk, row i met the later values with a zero score, and
+// 0 * NaN leaked a later token's NaN into earlier rows.
+TEST(LinearFloatTest, CausalNanValueNeverReachesEarlierRows) {
+  const Matrix<float> q = random_matrix<float>(40, 6, 1), k = random_matrix<float>(40, 6, 2);
+  Matrix<float> v = random_matrix<float>(40, 5, 3);
+  v(23, 1) = std::numeric_limits<float>::quiet_NaN();
+  v(30, 4) = std::numeric_limits<float>::infinity();
+  for (const Index chunk : {Index(1), Index(4), Index(16), Index(64)}) {
+    LinearOptions o;
+    o.causal = true, o.chunk = chunk;
+    const Matrix<float> out = linear_attention(q, k, v, EluPlusOne{}, o);
+    EXPECT_TRUE(out.topRows(23).allFinite()) << "chunk " << chunk;
+    EXPECT_FALSE(out.row(23).allFinite()) << "chunk " << chunk;
+    LinearAttentionState<float, Taylor> state(Taylor{}, 6, 5, o);
+    EXPECT_TRUE(state.step(q, k, v).topRows(23).allFinite()) << "recurrent, chunk " << chunk;
+  }
+}
+
 TEST(LinearErrorsTest, BadInputNamesTheArgument) {
   using testing::expect_error;
   const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);

@@ -342,6 +342,26 @@ void drop_rounding_level_rows(const LinearShape& sh, const LinearState<S>& state
     if (w.den[i] <= units * bound[i] && bound[i] > S(0)) w.den[i] = -std::numeric_limits<S>::infinity();
 }
 
+/// num += tril(scores) V for the chunk's own keys. In the product, row i meets the values of the later keys j > i with
+/// a zero score, and 0 * NaN is NaN: a NaN or Inf value would reach earlier rows. Value rows that are not finite
+/// (rare; one vectorised sum per chunk finds them) are left out of the product and added to the rows j.. that see
+/// them.
+template <class S>
+void masked_chunk_product(LinearScratch<S>& w, Index rows, Index dv_pad) {
+  const Index cols = w.scores.cols();
+  if (std::isfinite(w.values.sum())) {  // every value finite (a huge but finite sum only takes the slow path)
+    small_gemm(w.scores.data(), cols, rows, w.values.data(), dv_pad, rows, dv_pad, w.num.data(), dv_pad, true);
+    return;
+  }
+  Matrix<S> finite = w.values;
+  std::vector<Index> rows_out;
+  for (Index j = 0; j < rows; ++j)
+    if (!w.values.row(j).allFinite()) finite.row(j).setZero(), rows_out.push_back(j);
+  small_gemm(w.scores.data(), cols, rows, finite.data(), dv_pad, rows, dv_pad, w.num.data(), dv_pad, true);
+  for (const Index j : rows_out)
+    for (Index i = j; i < rows; ++i) w.num.row(i) += w.scores(i, j) * w.values.row(j);
+}
+
 /// Queries [i0, i0 + rows) against a state (all earlier keys), plus, for causal chunks, the prepared keys of the same
 /// chunk (j <= i within the chunk) by the masked quadratic form tril(phi psi^T).
 template <class S, class Map>
@@ -362,7 +382,7 @@ void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows,
       for (Index j = i + 1; j < cols; ++j) w.scores(i, j) = S(0);  // causal inside the chunk
       den[i] += w.scores.row(i).head(i + 1).sum();
     }
-    small_gemm(w.scores.data(), cols, rows, w.values.data(), sh.dv_pad, rows, sh.dv_pad, w.num.data(), sh.dv_pad, true);
+    masked_chunk_product(w, rows, sh.dv_pad);
   }
   if constexpr (!NonNegativeFeatures<Map>::value) drop_rounding_level_rows(sh, state, with_chunk_keys, w, c);
   den.array() += eps;

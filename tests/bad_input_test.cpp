@@ -364,6 +364,13 @@ std::vector<Row> family_rows() {
                   {"sparse_attention", "2x3", "3x3"}});
   rows.push_back({"sparse_attention", "v rows != k rows",
                   [=] { sparse_attention(q, k, mat(4, 3), SparsePattern::local(1)); }, {"sparse_attention", "4x3"}});
+  rows.push_back({"SparsePattern::mask", "negative size", [] { SparsePattern::local(2).mask(-3, 4); },
+                  {"SparsePattern::mask", "-3"}});
+  rows.push_back({"SparsePattern::keys", "query out of range", [] { SparsePattern::local(2).keys(9, 5, 5); },
+                  {"SparsePattern::keys", "9"}});
+  rows.push_back({"SparsePattern::allows", "bad option",
+                  [] { SparsePattern::local(2).allows(1, 1, 5, 5, with([](AttentionOptions& o) { o.key_length = 9; })); },
+                  {"SparsePattern::allows", "key_length"}});
   rows.push_back({"sparse_attention_workspace_bytes", "empty pattern",
                   [] { sparse_attention_workspace_bytes<float>(5, 6, 4, 3, SparsePattern()); }, {"empty"}});
   // Linear attention.

@@ -164,11 +164,17 @@ class SparsePattern {
 
   /// Whether query i may attend to key j in an n x m problem with these options (mask included). O(terms).
   bool allows(Index i, Index j, Index n, Index m, const AttentionOptions& o = {}) const {
+    check_problem("SparsePattern::allows", n, m, o);
+    if (i < 0 || i >= n || j < 0 || j >= m)
+      detail::fail("SparsePattern::allows", "(i, j) = (", i, ", ", j, ") is outside the ", detail::shape_str(n, m),
+                   " problem");
     return allows(detail::MaskModel<double>(n, m, o, {}), i, j);
   }
 
   /// A_i, ascending: the keys query i attends to. O(m); meant for tests, examples and inspection.
   std::vector<Index> keys(Index i, Index n, Index m, const AttentionOptions& o = {}) const {
+    check_problem("SparsePattern::keys", n, m, o);
+    if (i < 0 || i >= n) detail::fail("SparsePattern::keys", "query ", i, " is outside [0, n) with n = ", n);
     const detail::MaskModel<double> base(n, m, o, {});
     std::vector<Index> out;
     for (Index j = 0; j < m; ++j)
@@ -178,6 +184,7 @@ class SparsePattern {
 
   /// The n x m boolean mask of the pattern (true = allowed). O(n m): for references and pictures, not for kernels.
   BoolMatrix mask(Index n, Index m, const AttentionOptions& o = {}) const {
+    check_problem("SparsePattern::mask", n, m, o);
     const detail::MaskModel<double> base(n, m, o, {});
     BoolMatrix b(n, m);
     for (Index i = 0; i < n; ++i)
@@ -206,6 +213,10 @@ class SparsePattern {
 
  private:
   explicit SparsePattern(Term t) { terms_.push_back(std::move(t)); }
+  static void check_problem(const char* where, Index n, Index m, const AttentionOptions& o) {
+    if (n < 0 || m < 0) detail::fail(where, "n and m must be >= 0, got n = ", n, ", m = ", m);
+    detail::validate_options(where, o, m);
+  }
   /// Widths beyond any sequence mean "unbounded"; they are capped so that position +- width cannot overflow.
   bool allows(const detail::MaskModel<double>& base, Index i, Index j) const {
     const detail::KeyRange r = base.row_range(i);

@@ -116,7 +116,9 @@ TEST(Numerics, MaskedNanNeverReachesTheOutput) {
   padded.key_length = 9;
   causal.causal = true;
   for (const Family& f : families()) {
-    if (f.masks) EXPECT_TRUE(f.run(x, padded).topRows(9).allFinite()) << f.name << ", key padding";
+    if (f.masks) {
+      EXPECT_TRUE(f.run(x, padded).topRows(9).allFinite()) << f.name << ", key padding";
+    }
     EXPECT_TRUE(f.run(x, causal).topRows(9).allFinite()) << f.name << ", causal";
   }
 }

@@ -185,6 +185,7 @@ std::vector<Row> layer_rows() {
                     MultiHeadAttention<float>(mha_config([](MultiHeadConfig&) {})).forward_into(mat(5, 8), out);
                   },
                   {"MultiHeadAttention", "out", "5x7"}});
+  rows.push_back({"KVCache", "capacity 0", [] { KVCache<float>(0, 4); }, {"KVCache", "capacity"}});
   rows.push_back({"KVCache::truncate", "size beyond the cached tokens",
                   [] {
                     KVCache<float> cache(8, 4);
@@ -440,6 +441,8 @@ std::vector<Row> family_rows() {
                   {"segment", "3x4"}});
   rows.push_back({"bracketed", "fewer token names than the tree's tokens",
                   [] { bracketed(parse_tree(Matrix<double>::Zero(4, 4)), {"a", "b"}); }, {"bracketed", "4", "2"}});
+  rows.push_back({"segment", "NaN threshold", [] { segment(Matrix<double>::Zero(3, 3), double(kNaN)); },
+                  {"segment", "threshold"}});
   rows.push_back({"parse_tree", "impact not square", [] { parse_tree(Matrix<double>::Zero(4, 3)); },
                   {"parse_tree", "4x3"}});
   return rows;

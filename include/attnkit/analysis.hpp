@@ -129,6 +129,7 @@ Matrix<double> impact_matrix(const Encoder& encoder, const Eigen::MatrixBase<D>&
 inline std::vector<Index> segment(const Matrix<double>& impact, double threshold) {
   if (impact.rows() != impact.cols())
     detail::fail("segment", "impact must be square, got ", detail::shape_str(impact.rows(), impact.cols()));
+  if (std::isnan(threshold)) detail::fail("segment", "threshold must not be NaN");
   std::vector<Index> starts;
   for (Index i = 0; i < impact.rows(); ++i)
     if (i == 0 || (impact(i - 1, i) + impact(i, i - 1)) / 2 <= threshold) starts.push_back(i);

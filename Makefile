@@ -3,7 +3,8 @@
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
 # Other targets: test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under
 # ThreadSanitizer), fuzz (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke run),
-# bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), clean.
+# bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), bench-readme (publish a full run in the
+# README and docs/benchmarks), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 FUZZ_PACKAGES := clang libclang-rt-14-dev
@@ -14,7 +15,7 @@ BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_sy
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
-.PHONY: test test-asan test-tsan fuzz bench bench-quick bench-compare deps clean
+.PHONY: test test-asan test-tsan fuzz bench bench-quick bench-compare bench-readme deps clean
 
 deps:
 	@missing=""; \
@@ -70,6 +71,11 @@ bench: deps
 
 bench-quick:
 	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024|length:1024)/' BENCH_MIN_TIME=0.01
+
+# After a full `make bench`: copy its summary, overview and plots to docs/benchmarks/ and put the overview table
+# into the README's benchmark section.
+bench-readme:
+	$(PYTHON) bench/update_readme.py $(RESULTS)
 
 # Per-benchmark time ratios of two runs (JSON files or result directories), e.g. a copy of build/bench-results made
 # before a change against the one after it.

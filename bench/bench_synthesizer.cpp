@@ -58,10 +58,13 @@ double synthesizer_error(int kind, const AttentionOptions& o) {
                         make_layer<double>(kind, c)->forward(x.cast<double>().eval(), o));
 }
 
-double synthesizer_flops(int kind, double n) {
-  const double d = double(kWidth), h = double(kHeads), projections = 4 * n * d * d, mix = 2 * n * n * d;
+double allowed_pairs(Index n, bool causal) { return causal ? double(n) * double(n + 1) / 2 : double(n) * double(n); }
+
+/// FLOPs of a forward; `pairs` is the number of allowed (query, key) pairs (n^2, or n (n + 1) / 2 when causal).
+double synthesizer_flops(int kind, double n, double pairs) {
+  const double d = double(kWidth), h = double(kHeads), projections = 4 * n * d * d, mix = 2 * pairs * d;
   switch (kind) {
-    case kDense: return projections + 2 * n * d * d * h + 2 * n * n * d * h + mix;
+    case kDense: return projections + 2 * n * d * d * h + 2 * pairs * d * h + mix;
     case kFactorizedDense: return projections + 2 * n * d * 128 * h + mix;
     case kMixture: return projections + 4 * n * d * d + 2 * mix;
     default: return projections + mix;
@@ -79,7 +82,7 @@ void BM_Synthesizer(benchmark::State& state) {
   Matrix<float> out(n, kWidth);
   const auto call = [&] { l.forward_into(x, out, o); };
   call();  // Random kinds compute and keep their probabilities here, once: the timed calls reuse them
-  report(state, synthesizer_flops(kind, double(n)), 1, run_timed(state, call));
+  report(state, synthesizer_flops(kind, double(n), allowed_pairs(n, o.causal)), 1, run_timed(state, call));
   // What a layer with input-independent logits keeps between calls: H n^2 probabilities.
   state.counters["kept_MiB"] = l.depends_on_input() ? 0.0 : double(kHeads * n * n) * sizeof(float) / (1 << 20);
   report_error(state, std::to_string(kind) + "/" + std::to_string(state.range(2)),
@@ -98,7 +101,8 @@ void BM_Mha(benchmark::State& state) {
   const Matrix<float> x = random_matrix<float>(n, kWidth, 2);
   Matrix<float> out(n, kWidth);
   const double d = double(kWidth), nn = double(n);
-  report(state, 8 * nn * d * d + 4 * nn * nn * d, 1, run_timed(state, [&] { mha.forward_into(x, out, o); }));
+  report(state, 8 * nn * d * d + 4 * allowed_pairs(n, o.causal) * d, 1,
+         run_timed(state, [&] { mha.forward_into(x, out, o); }));
   report_error(state, std::to_string(state.range(1)),
                [&] { return layer_error<MultiHeadAttention>(c, 100, kWidth, o); });
 }

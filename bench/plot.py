@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Plots and a Markdown summary from the Google Benchmark JSON files in a results directory.
 
-usage: plot.py RESULTS_DIR    (reads RESULTS_DIR/bench_*.json, writes *.png and summary.md there)
+usage: plot.py RESULTS_DIR    (reads RESULTS_DIR/bench_*.json, writes *.png, summary.md and overview.md there)
 
 Benchmark names look like BM_Fused/n:4096/d:64/causal:0/threads:1/real_time: the BM_ part is the variant and the
 key:value parts are parameters. Each binary is one family (bench_sdpa -> sdpa).
@@ -246,6 +246,45 @@ def summary(rows, context, results):
     return path
 
 
+def overview(rows, context, results):
+    """overview.md: one row per (family, variant, parameters but n) at the smallest and largest n it ran, one thread
+    where the benchmark has a thread count. The README's benchmark table is this file (bench/update_readme.py)."""
+    peak = context.get("fma_peak_gflops_per_core", "?")
+    groups = defaultdict(list)
+    for r in rows:
+        if "n" not in r["params"] or r["params"].get("threads", "1") != "1":
+            continue
+        rest = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("n", "threads"))
+        groups[(r["family"], r["variant"], rest)].append(r)
+    lines = [
+        f"From `make bench` on {context.get('date', '?')[:10]}: {context.get('num_cpus', '?')} CPUs, measured fp32 FMA "
+        f"peak {fmt(float(peak)) if peak != '?' else '?'} GFLOP/s per core. One thread where a benchmark has a thread "
+        "count (the multi-head layer runs on all cores; its % of peak is of all of them). Time and heap at the smallest "
+        "and the largest n each benchmark ran; growth is their time ratio, to set against the ratio of the two n "
+        "(linear cost) or its square (quadratic). "
+        "Workspace is the library's documented figure (`*_workspace_bytes`) where it has one. Every row of the run: "
+        "`summary.md`.",
+        "",
+        "| family | variant | parameters | n | time (ms) | GFLOP/s | % of peak | growth | heap (MiB) | workspace (MiB) "
+        "| max error |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (family, variant, rest), v in sorted(groups.items()):
+        v = sorted(v, key=lambda r: int(r["params"]["n"]))
+        small, large = v[0], v[-1]
+        ns = f"{small['params']['n']} / {large['params']['n']}" if len(v) > 1 else small["params"]["n"]
+        times = f"{small['ms']:.3g} / {large['ms']:.3g}" if len(v) > 1 else f"{small['ms']:.3g}"
+        growth = f"{large['ms'] / small['ms']:.1f}x" if len(v) > 1 and small["ms"] > 0 else ""
+        heaps = f"{fmt(small['heap_mib'], 2)} / {fmt(large['heap_mib'], 2)}" if len(v) > 1 else fmt(small["heap_mib"], 2)
+        lines.append(f"| {family} | {variant} | {rest} | {ns} | {times} | {fmt(large['gflops'])} | "
+                     f"{fmt(large['pct_peak'])} | {growth} | {heaps} | {fmt(large['workspace_mib'], 2)} | "
+                     f"{sci(large['max_err'])} |")
+    path = os.path.join(results, "overview.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
@@ -263,6 +302,7 @@ def main():
         plot(rows, results, "gflops", "GFLOP/s", "gflops.png", "Exact attention throughput (FLOPs = 4 d per pair)",
              only=lambda g: g[0] == "sdpa", logy=False),
         summary(rows, context, results),
+        overview(rows, context, results),
     ]
     for w in written:
         if w:

@@ -256,7 +256,7 @@ struct LinearState {
 template <class S>
 struct LinearScratch {
   Matrix<S> x, phi, psi, psi_t, values, num, scores;
-  Vector<S> den;
+  Vector<S> den, seen_abs;
 };
 
 /// Shapes shared by the passes of one call.
@@ -330,16 +330,16 @@ template <class S>
 void drop_rounding_level_rows(const LinearShape& sh, const LinearState<S>& state, bool with_chunk_keys,
                               LinearScratch<S>& w, Index c) {
   const Index rows = w.phi.rows();
-  const Matrix<S> phi_abs = w.phi.cwiseAbs();
-  Vector<S> bound = phi_abs * state.z_abs;
-  if (with_chunk_keys) {  // the chunk's own keys j <= i
-    const Matrix<S> inside = phi_abs * w.psi.cwiseAbs().transpose();
-    for (Index i = 0; i < rows; ++i) bound[i] += inside.row(i).head(i + 1).sum();
-  }
   const Index keys = state.keys + (with_chunk_keys ? w.psi.rows() : 0);
   const S units = S(2) * std::numeric_limits<S>::epsilon() * S(sh.r + c + keys / std::max<Index>(c, 1) + 4);
-  for (Index i = 0; i < rows; ++i)
-    if (w.den[i] <= units * bound[i] && bound[i] > S(0)) w.den[i] = -std::numeric_limits<S>::infinity();
+  // |phi_i| . sum_j |psi_j| over the row's keys: the state's, plus the chunk's own keys j <= i (a running sum).
+  Vector<S>& seen = w.seen_abs;
+  seen = state.z_abs;
+  for (Index i = 0; i < rows; ++i) {
+    if (with_chunk_keys) seen += w.psi.row(i).cwiseAbs().transpose();
+    const S bound = w.phi.row(i).cwiseAbs().dot(seen.transpose());
+    if (w.den[i] <= units * bound && bound > S(0)) w.den[i] = -std::numeric_limits<S>::infinity();
+  }
 }
 
 /// num += tril(scores) V for the chunk's own keys. In the product, row i meets the values of the later keys j > i with

@@ -177,6 +177,20 @@ class GatedLayerBase {
     run(xv.view(), out.data(), out.outerStride(), options, detail::resolve_threads(options.threads));
   }
 
+  /// \brief Heap bytes that forward_into over n tokens allocates at most with these options (forward() adds its
+  /// n x d result). GatedAttentionUnit: U, V (n x e), Z, Q, K (n x s) and A V (n x e), plus the largest per-thread
+  /// scratch of its products and of the tiled attention (never n x n). FlashAttentionLayer: the s x e state and one
+  /// chunk's buffers (O(c (e + s))) when causal; non-causal also V and Z of every token (n x (e + s)) and one chunk
+  /// per worker thread. An input whose rows are not contiguous in memory adds a copy of it.
+  Index workspace_bytes(Index n, const GauOptions& options = {}) const {
+    const std::string where = std::string(name()) + "::workspace_bytes";
+    if (n < 0) detail::fail(where.c_str(), "n must be >= 0, got ", n);
+    if (options.threads < 0)
+      detail::fail(where.c_str(), "options.threads must be >= 0 (0 = all), got ", options.threads);
+    check_options(where.c_str(), n, options);
+    return heap(n, options, detail::resolve_threads(options.threads));
+  }
+
   /// \brief Every parameter: W_u, W_v (d e each), W_z (d s), W_o (e d), gamma and beta, and the biases.
   Index parameter_count() const {
     const Index d = c_.width, e = c_.expansion, s = c_.shared;
@@ -203,6 +217,16 @@ class GatedLayerBase {
   /// The forward over x (n x d) into out (n x d at row stride out_stride); x and the options are checked.
   virtual void run(const detail::StridedView<S>& x, S* out, Index out_stride, const GauOptions& options,
                    int threads) const = 0;
+  /// What run() allocates for n tokens, at most; the options are checked.
+  virtual Index heap(Index n, const GauOptions& options, int threads) const = 0;
+
+  /// The scratch of one activate() or gate_and_project() product over n rows.
+  Index projection_heap(Index n, int threads) const {
+    const Index d = c_.width, e = c_.expansion, s = c_.shared;
+    return std::max({detail::dense_workspace_bytes<S>(n, d, e, threads),
+                     detail::dense_workspace_bytes<S>(n, d, s, threads),
+                     detail::dense_workspace_bytes<S>(n, e, d, threads)});
+  }
 
   template <class D>
   void check_input(const char* where, const Eigen::MatrixBase<D>& x, const GauOptions& o) const {
@@ -356,6 +380,15 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
     this->gate_and_project(p.u, av, out, out_stride, threads);
   }
 
+  Index heap(Index n, const GauOptions& options, int threads) const override {
+    const Index e = this->c_.expansion, s = this->c_.shared;
+    AttentionOptions o = attention_options(options);
+    o.threads = threads;
+    const Index buffers = 3 * detail::heap_bytes<S>(n * e) + 3 * detail::heap_bytes<S>(n * s);
+    const Index attention = detail::attention_calls_workspace_bytes<S>(1, n, n, s, e, o);
+    return buffers + std::max(this->projection_heap(n, threads), attention);
+  }
+
   /// A V, n x e.
   Matrix<S> attend(const detail::GatedProjections<S>& p, const GauOptions& options, int threads) const {
     const Matrix<S> q = query_key(p.z, 0), k = query_key(p.z, 1);
@@ -432,6 +465,34 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
       ch.quad += ch.lin;
       this->gate_and_project(ch.u, ch.quad, out + r0 * out_stride, out_stride, inner);
     });
+  }
+
+  Index heap(Index n, const GauOptions& options, int threads) const override {
+    const Index e = this->c_.expansion, s = this->c_.shared, c = this->c_.chunk, len = std::min(c, n);
+    if (n == 0) return 0;
+    // K_lin^T of the keys summed into the state (the chunk's when causal, every token's otherwise) and the K_lin it is
+    // transposed from.
+    const Index state = detail::heap_bytes<S>(s * e), k_lin = 2 * detail::heap_bytes<S>(s * (options.causal ? len : n));
+    // One chunk on `inner` threads: U, quad, lin (and V when causal; len x e), Z, Q_quad, K_quad, Q_lin (len x s),
+    // the causal state step (s x e), and the largest scratch of its products and of its relu2 attention.
+    const auto chunk = [&](int inner) {
+      AttentionOptions o;
+      o.causal = options.causal, o.threads = inner;
+      const Index products = std::max({this->projection_heap(len, inner),
+                                       detail::dense_workspace_bytes<S>(len, s, e, inner),
+                                       detail::dense_workspace_bytes<S>(s, len, e, inner),
+                                       detail::attention_calls_workspace_bytes<S>(1, len, len, s, e, o)});
+      return (options.causal ? 4 : 3) * detail::heap_bytes<S>(len * e) + 4 * detail::heap_bytes<S>(len * s) +
+             (options.causal ? detail::heap_bytes<S>(s * e) : 0) + products;
+    };
+    if (options.causal) return state + k_lin + chunk(threads);
+    // Non-causal: V and Z of every token and K_lin^T stay while the chunks run, in parallel one thread each when
+    // there are enough of them.
+    const Index chunks = (n + c - 1) / c;
+    const Index kept = detail::heap_bytes<S>(n * e) + detail::heap_bytes<S>(n * s) + k_lin;
+    const Index first = std::max(this->projection_heap(n, threads), detail::dense_workspace_bytes<S>(s, n, e, threads));
+    const Index chunked = chunks >= threads && threads > 1 ? std::min<Index>(threads, chunks) * chunk(1) : chunk(threads);
+    return state + kept + std::max(first, chunked);
   }
 
   static detail::StridedView<S> rows_of(const detail::StridedView<S>& m, Index r0, Index count) {

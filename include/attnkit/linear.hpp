@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "core/error.hpp"
@@ -493,6 +494,21 @@ Matrix<typename DQ::Scalar> linear_attention(const Eigen::MatrixBase<DQ>& q, con
   return out;
 }
 
+namespace detail {
+
+/// Upper bounds on the heap of one LinearState (r x d_v plus 2 r) and of one LinearScratch for chunks of c rows
+/// (inputs, features, values, products and the c x c in-chunk scores), each buffer with its allocation overhead.
+template <class S>
+std::pair<Index, Index> linear_heap(const LinearShape& sh, Index c) {
+  const Index c_pad = round_up(c, KernelShape<S>::kPacket);
+  const Index state = heap_bytes<S>(sh.r_pad * sh.dv_pad) + 2 * heap_bytes<S>(sh.r_pad);
+  const Index scratch = heap_bytes<S>(c * sh.d) + 4 * heap_bytes<S>(c * sh.r_pad) + heap_bytes<S>(sh.r_pad * c_pad) +
+                        2 * heap_bytes<S>(c * sh.dv_pad) + 2 * heap_bytes<S>(c * c_pad) + 3 * heap_bytes<S>(c);
+  return {state, scratch};
+}
+
+}  // namespace detail
+
 /// \brief An upper bound on the heap one linear_attention call with a caller-provided `out` allocates, for r =
 /// map.features(d) features and chunks of c rows: the state (r x d_v plus 2 r) and one chunk's scratch (inputs,
 /// features, values, products and the c x c in-chunk scores: O(c (d + r + d_v + c) + r d_v)); non-causal, the state
@@ -505,15 +521,12 @@ Index linear_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, con
   detail::check_sizes(kWhere, n, m, d, d_v);
   detail::check_linear_options(kWhere, options);
   const detail::LinearShape sh = detail::linear_shape<S>(map, d, d_v);
-  const Index c = detail::linear_chunk(options), packet = detail::KernelShape<S>::kPacket;
-  const Index c_pad = detail::round_up(c, packet), scalar = Index(sizeof(S)), per_allocation = 128;
-  const Index state = (sh.r_pad * sh.dv_pad + 2 * sh.r_pad) * scalar + 3 * per_allocation;
-  const Index scratch = (c * d + 4 * c * sh.r_pad + sh.r_pad * c_pad + 2 * c * sh.dv_pad + 2 * c * c_pad + 3 * c) *
-                            scalar + 12 * per_allocation;
+  const Index c = detail::linear_chunk(options);
+  const auto [state, scratch] = detail::linear_heap<S>(sh, c);
   if (options.causal) return state + scratch;
   const Index chunks = (m + c - 1) / c, parts = std::min(detail::kLinearKeyParts, std::max<Index>(chunks, 1));
   const Index threads = detail::resolve_threads(options.threads);
-  return (parts + 1) * state + threads * scratch + parts * Index(sizeof(detail::LinearState<S>));
+  return (parts + 1) * state + threads * scratch + detail::heap_bytes<detail::LinearState<S>>(parts);
 }
 
 /// \brief The recurrent form of causal linear attention: the state of one sequence, fed a token or a block of tokens
@@ -537,6 +550,13 @@ class LinearAttentionState {
     length_ = 0;
   }
   Index length() const { return length_; }
+
+  /// \brief An upper bound on the heap of one step of t tokens: its t x d_v result and, while the state's own
+  /// scratch grows to the largest block it has seen (at most one chunk), that scratch. Independent of length().
+  Index step_workspace_bytes(Index t) const {
+    if (t < 0) detail::fail("LinearAttentionState::step_workspace_bytes", "t must be >= 0, got ", t);
+    return detail::heap_bytes<S>(t * dv_) + detail::linear_heap<S>(shape_, std::max<Index>(std::min(t, chunk_), 1)).second;
+  }
 
   /// Appends t tokens (rows of k and v) and returns the outputs of their queries (t x d_v): row i attends to every
   /// earlier token and to tokens 0..i of this block.
@@ -647,6 +667,28 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
                          for (Index i = 0; i < rows; ++i)
                            for (Index col = 0; col < v.cols(); ++col) out(i0 + i, col) = scratch.num(i, col);
                        });
+}
+
+/// \brief An upper bound on the heap of one efficient_attention call with a caller-provided `out`: the d x d_v state,
+/// the column maxima, the keys' chunk scratch and one query chunk's scratch per worker thread (chunks of
+/// options.chunk rows). Independent of n and m.
+template <class S>
+Index efficient_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const LinearOptions& options = {}) {
+  constexpr const char* kWhere = "efficient_attention_workspace_bytes";
+  detail::check_sizes(kWhere, n, m, d, d_v);
+  detail::check_linear_options(kWhere, options);
+  if (options.causal) detail::fail(kWhere, "Efficient Attention has no causal form");
+  using detail::heap_bytes;
+  const Index c = detail::linear_chunk(options), packet = detail::KernelShape<S>::kPacket;
+  const Index r_pad = detail::round_up(d, packet), dv_pad = detail::round_up(d_v, packet);
+  const Index state = heap_bytes<S>(r_pad * dv_pad) + 2 * heap_bytes<S>(r_pad);
+  // A chunk of keys: inputs, features, transposed features, values; of queries: inputs, features, products.
+  const Index ck = std::min(c, m), cq = std::min(c, n);
+  const Index keys = heap_bytes<S>(ck * d) + heap_bytes<S>(ck * r_pad) +
+                     heap_bytes<S>(r_pad * detail::round_up(ck, packet)) + heap_bytes<S>(ck * dv_pad);
+  const Index queries = heap_bytes<S>(cq * d) + heap_bytes<S>(cq * r_pad) + heap_bytes<S>(cq * dv_pad);
+  const Index workers = std::max<Index>(1, std::min<Index>(detail::resolve_threads(options.threads), (n + c - 1) / c));
+  return heap_bytes<S>(d) + state + keys + workers * queries;
 }
 
 /// \brief As above, returning the n x d_v output.

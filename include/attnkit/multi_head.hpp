@@ -99,6 +99,21 @@ void multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBas
                           options);
 }
 
+/// \brief Bytes of heap one multi_head_attention call allocates at most: the list of per-group calls and a few tiles
+/// of workspace per thread (split-K partial outputs when a few query rows meet many keys). Never n x m.
+template <class S>
+Index multi_head_attention_workspace_bytes(Index n, Index m, Index heads, Index kv_heads, Index d_k, Index d_v,
+                                           const AttentionOptions& options = {}) {
+  constexpr const char* kWhere = "multi_head_attention_workspace_bytes";
+  detail::check_sizes(kWhere, n, m, d_k, d_v);
+  if (heads < 1 || kv_heads < 1 || heads % kv_heads != 0)
+    detail::fail(kWhere, "heads must be a multiple of kv_heads (H % H_kv == 0), got H = ", heads,
+                 ", H_kv = ", kv_heads);
+  detail::validate_options(kWhere, options, m);
+  return detail::heap_bytes<detail::AttentionCall<S, detail::MaskModel<S>>>(kv_heads) +
+         detail::attention_calls_workspace_bytes<S>(kv_heads, heads / kv_heads * n, m, d_k, d_v, options);
+}
+
 /// \brief Shape and features of a MultiHeadAttention layer. Zero means "derive it" where noted.
 struct MultiHeadConfig {
   Index width = 0;                ///< model width: columns of the query input and of the output
@@ -272,6 +287,28 @@ class MultiHeadAttention {
     return out;
   }
 
+  /// \brief Heap bytes that forward_into over n query rows and m key/value rows (m = -1: self-attention, m = n)
+  /// allocates at most: Q (n x H d_head), K and V (m x H_kv d_head) and the concatenated heads (n x H d_head), plus
+  /// the largest per-thread scratch of the projections and the attention (a few tiles per thread, never n x m).
+  /// forward() adds its n x output_width() result. Inputs whose rows are not contiguous (column-major storage,
+  /// expressions) add a copy of them or of a block of their rows per thread.
+  Index workspace_bytes(Index n, Index m = -1, const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "MultiHeadAttention::workspace_bytes";
+    if (m == -1) m = n;
+    if (n < 0 || m < 0) detail::fail(kWhere, "needs n >= 0 and m >= 0 (or -1 for m = n); got n = ", n, ", m = ", m);
+    return forward_heap(kWhere, n, m, m, options);
+  }
+
+  /// \brief Heap bytes of one forward_step of t new tokens over a cache holding `cached` tokens, at most: the
+  /// forward's buffers for t queries over t new keys, the attention over all cached + t keys (split-K partial
+  /// outputs when decoding) and the returned t x output_width() result. A step that grows the cache's storage also
+  /// allocates that storage (the cache's memory, amortised, not counted here).
+  Index step_workspace_bytes(Index t, Index cached, const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "MultiHeadAttention::step_workspace_bytes";
+    if (t < 0 || cached < 0) detail::fail(kWhere, "needs t >= 0 and cached >= 0; got t = ", t, ", cached = ", cached);
+    return forward_heap(kWhere, t, t, cached + t, options) + detail::heap_bytes<S>(t * output_width());
+  }
+
   /// \brief A cache sized for this layer's keys and values, holding up to `capacity` tokens.
   KVCache<S> make_cache(Index capacity) const { return KVCache<S>(capacity, c_.kv_heads * c_.head_dim); }
 
@@ -408,9 +445,24 @@ class MultiHeadAttention {
       out = concat;
       return;
     }
-    Matrix<S> y;
-    dense(concat, w_o, b_o, y, threads);
-    out = y;
+    detail::dense(detail::matrix_view(concat), detail::matrix_view(w_o), b_o, out.data(), out.outerStride(), threads);
+  }
+
+  // Heap of one forward of n query rows and m projected key/value rows attending over `keys` keys: Q, K, V and the
+  // concatenated heads live through the call; the projections' and the attention's scratch come and go, so only the
+  // largest counts.
+  Index forward_heap(const char* where, Index n, Index m, Index keys, const AttentionOptions& options) const {
+    detail::validate_options(where, options, keys);
+    const Index qw = c_.heads * c_.head_dim, kvw = c_.kv_heads * c_.head_dim;
+    const int t = options.threads;
+    const Index buffers = 2 * detail::heap_bytes<S>(n * qw) + 2 * detail::heap_bytes<S>(m * kvw);
+    const Index project = std::max({detail::dense_workspace_bytes<S>(n, c_.width, qw, t),
+                                    detail::dense_workspace_bytes<S>(m, c_.key_width, kvw, t),
+                                    detail::dense_workspace_bytes<S>(m, c_.value_width, kvw, t)});
+    const Index attend =
+        multi_head_attention_workspace_bytes<S>(n, keys, c_.heads, c_.kv_heads, c_.head_dim, c_.head_dim, options);
+    const Index output = c_.output_projection ? detail::dense_workspace_bytes<S>(n, qw, c_.width, t) : 0;
+    return buffers + std::max({project, attend, output});
   }
 
   MultiHeadConfig c_;

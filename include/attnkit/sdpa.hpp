@@ -103,7 +103,9 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
 
 /// \brief Bytes of workspace one thread of the fused kernel allocates for this problem. Times the number of threads
 /// it is the heap cost of a call with a caller-provided `out`, apart from about 1 KiB of bookkeeping (allocator
-/// rounding, the thread pool's) per call.
+/// rounding, the thread pool's) per call. Decoding shapes (at most a micro-kernel's rows of queries over at least
+/// 1024 keys) run split-K and also keep partial outputs: multi_head_attention_workspace_bytes with one head counts
+/// the whole call.
 template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {

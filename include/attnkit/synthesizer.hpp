@@ -275,6 +275,37 @@ inline Index logit_parameters(SynthesizerKind kind, const SynthesizerConfig& c) 
   }
   return 0;
 }
+/// Columns per head of a kind's bilinear factors (the Q K^T part of its logits): 0 for Random and Factorized Dense,
+/// whose logits are all additive.
+inline Index factor_rank(SynthesizerKind kind, const SynthesizerConfig& c) {
+  switch (kind) {
+    case SynthesizerKind::kDense: return c.width;
+    case SynthesizerKind::kFactorizedRandom: return c.k;
+    case SynthesizerKind::kDotProduct: return c.width / c.heads;
+    default: return 0;
+  }
+}
+
+/// Heap of synthesize() over n tokens for `kinds` at most: the factor matrices (n x H rank for Q and K; a mixture
+/// joins them, briefly holding old and joined copies), Factorized Dense's A and C, and the projections' scratch.
+template <class S>
+Index logits_heap(const std::vector<SynthesizerKind>& kinds, const SynthesizerConfig& c, Index n, int threads) {
+  Index rank = 0, bilinear_kinds = 0, additive = 0, scratch = 0;
+  for (SynthesizerKind kind : kinds) {
+    const Index r = factor_rank(kind, c);
+    rank += r, bilinear_kinds += r > 0 ? 1 : 0;
+    if (kind == SynthesizerKind::kDense) scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.heads * c.width, threads));
+    if (kind == SynthesizerKind::kDotProduct) scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.width, threads));
+    if (kind == SynthesizerKind::kFactorizedDense) {
+      additive += heap_bytes<S>(n * c.heads * c.a) + heap_bytes<S>(n * c.heads * c.b);
+      scratch = std::max({scratch, dense_workspace_bytes<S>(n, c.width, c.heads * c.a, threads),
+                          dense_workspace_bytes<S>(n, c.width, c.heads * c.b, threads)});
+    }
+  }
+  const Index factors = 2 * heap_bytes<S>(n * c.heads * rank);
+  return (bilinear_kinds > 1 ? 2 : 1) * factors + additive + scratch;
+}
+
 template <class S>
 void add_logits(const DenseSynthesizerWeights<S>& w, const SynthesizerConfig& c, const StridedView<S>& x, S alpha,
                 const AttentionOptions&, int threads, SynthesizedLogits<S>& out) {
@@ -440,10 +471,38 @@ class SynthesizerLayer {
       out = concat;
       return;
     }
-    Matrix<S> y;
-    detail::dense(detail::matrix_view(concat), w_o, b_o, y, threads);
-    out = y;
+    detail::dense(detail::matrix_view(concat), detail::matrix_view(w_o), b_o, out.data(), out.outerStride(), threads);
   }
+
+  /// \brief Heap bytes that forward_into over n tokens allocates at most with these options, once the probabilities
+  /// of a layer whose logits do not depend on the input are kept: G and the concatenated heads (n x d each), plus
+  /// the larger of the projections' scratch and the attention's (input-dependent logits: their factors, n x H rank
+  /// for Q and K, and a few tiles per thread; kept probabilities: one product's scratch per head). Never n x n per
+  /// call. forward() adds its n x d result. The kept probabilities themselves (H n^2 scalars, built by the first call
+  /// for a length and options) are kept_bytes(n).
+  Index workspace_bytes(Index n, const AttentionOptions& options = {}) const {
+    constexpr const char* kWhere = "Synthesizer::workspace_bytes";
+    if (n < 0 || n > c_.max_length)
+      detail::fail(kWhere, "n must be in [0, l] with l = ", c_.max_length, ", got ", n);
+    detail::validate_options(kWhere, options, n);
+    const Index d = c_.width, dh = head_dim();
+    const int threads = detail::resolve_threads(options.threads);
+    const Index buffers = 2 * detail::heap_bytes<S>(n * d);
+    const Index project = std::max(detail::dense_workspace_bytes<S>(n, d, d, threads),
+                                   c_.output_projection ? detail::dense_workspace_bytes<S>(n, d, d, threads) : 0);
+    if (!depends_on_input()) return buffers + std::max(project, detail::dense_workspace_bytes<S>(n, n, dh, threads));
+    const std::vector<SynthesizerKind> kinds = logit_kinds();
+    Index rank = 0;
+    for (SynthesizerKind kind : kinds) rank += detail::factor_rank(kind, c_);
+    const Index attention =
+        detail::heap_bytes<detail::AttentionCall<S, detail::SynthesizedMask<S>>>(c_.heads) +
+        detail::attention_calls_workspace_bytes<S>(c_.heads, n, n, std::max<Index>(rank, 1), dh, options);
+    return buffers + std::max(project, detail::logits_heap<S>(kinds, c_, n, threads) + attention);
+  }
+
+  /// \brief Bytes of the probabilities kept for length n (H n^2 scalars) by a layer whose logits do not depend on
+  /// the input; 0 for the others.
+  Index kept_bytes(Index n) const { return depends_on_input() ? 0 : c_.heads * n * n * Index(sizeof(S)); }
 
   /// \brief The attention weights softmax(mask(B_h)) of every head for input x: H matrices of n x n (rows of masked
   /// or padded keys are zero where the mask says so). For inspection; forward() never forms them for input-dependent
@@ -475,6 +534,8 @@ class SynthesizerLayer {
   }
   /// \brief The logits' parameters alone: the SPEC's per-head count times H (plus the mixture weights).
   virtual Index logit_parameter_count() const = 0;
+  /// \brief The kinds of logits this layer synthesizes, in order (one, or a mixture's components).
+  virtual std::vector<SynthesizerKind> logit_kinds() const = 0;
 
  protected:
   explicit SynthesizerLayer(const SynthesizerConfig& config) : c_(config) {
@@ -569,6 +630,7 @@ class SingleSynthesizer : public SynthesizerLayer<S>, public Weights {
  public:
   bool depends_on_input() const override { return detail::depends_on_input(kKind); }
   Index logit_parameter_count() const override { return logit_parameters(kKind, this->config()); }
+  std::vector<SynthesizerKind> logit_kinds() const override { return {kKind}; }
 
  protected:
   SingleSynthesizer(const SynthesizerConfig& config, std::uint64_t seed) : SynthesizerLayer<S>(config) {
@@ -666,6 +728,7 @@ class MixtureSynthesizer : public SynthesizerLayer<S> {
   }
 
   const std::vector<SynthesizerKind>& components() const { return components_; }
+  std::vector<SynthesizerKind> logit_kinds() const override { return components_; }
   /// alpha_t = softmax(mixture_logits)_t.
   std::vector<double> mixture_weights() const {
     const Eigen::ArrayXd z = mixture_logits.row(0).transpose().template cast<double>().array();

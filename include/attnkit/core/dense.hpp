@@ -20,6 +20,12 @@ struct FullDepth {
   KeyRange operator()(Index /*r0*/, Index /*rows*/) const { return KeyRange::all(); }
 };
 
+/// The blocks of dense(): tasks of kRows rows by kCols columns.
+template <class S>
+struct DenseBlock {
+  static constexpr Index kRows = 16 * KernelShape<S>::kRows, kCols = 8 * KernelShape<S>::kCols;
+};
+
 /// y (n x c at row stride y_stride) = x (n x k, any strides) * w (k x c, rows contiguous) + b (1 x c, or empty), in
 /// parallel over tasks of (kDenseRows rows) x (kDenseCols columns). A block of at least kRows rows runs the
 /// micro-kernel (w read in place when its rows are whole packets, otherwise packed once per call); fewer rows, as when
@@ -35,7 +41,7 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
            const RowDepth& row_depth = {}) {
   using K = KernelShape<S>;
   constexpr bool kLimited = !std::is_same_v<RowDepth, FullDepth>;
-  constexpr Index kDenseRows = 16 * K::kRows, kDenseCols = 8 * K::kCols;
+  constexpr Index kDenseRows = DenseBlock<S>::kRows, kDenseCols = DenseBlock<S>::kCols;
   constexpr Index kStrips = kDenseRows / K::kRows;
   const Index n = x.rows, depth = w.rows, cols = w.cols;
   if (n == 0 || cols == 0) return;
@@ -60,8 +66,10 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
       row_blocks * col_blocks, threads,
       [&] {
         Scratch s;
-        if (!x.row_contiguous()) s.a.resize(kDenseRows * depth);
-        s.c.resize(kDenseRows * round_up(kDenseCols, K::kPacket));
+        if (n >= K::kRows) {  // fewer rows (decoding) stream the rows of w and need no scratch
+          if (!x.row_contiguous()) s.a.resize(kDenseRows * depth);
+          s.c.resize(kDenseRows * round_up(kDenseCols, K::kPacket));
+        }
         return s;
       },
       [&](Index task, Scratch& s) {
@@ -106,6 +114,26 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
           bias(out);
         }
       });
+}
+
+/// Heap bytes dense() allocates for x (n x depth) times w (depth x cols) on `threads` threads: a packed copy of w
+/// when its columns are not whole packets or its rows are strided, one result block per worker, and per worker a
+/// copy of a block of x's rows when they are strided. None for fewer than KernelShape::kRows rows.
+template <class S>
+Index dense_workspace_bytes(Index n, Index depth, Index cols, int threads, bool x_rows_contiguous = true,
+                            bool w_rows_contiguous = true) {
+  using K = KernelShape<S>;
+  using B = DenseBlock<S>;
+  if (n == 0 || cols == 0) return 0;
+  if (n < K::kRows) return 0;
+  Index bytes = 0;
+  if (cols % K::kPacket != 0 || !w_rows_contiguous)
+    bytes += heap_bytes<S>(round_up(round_up(cols, K::kPacket), K::kCols) * depth);
+  const Index tasks = ((n + B::kRows - 1) / B::kRows) * ((cols + B::kCols - 1) / B::kCols);
+  const Index workers = std::max<Index>(1, std::min<Index>(resolve_threads(threads), tasks));
+  const Index per_worker =
+      heap_bytes<S>(B::kRows * round_up(B::kCols, K::kPacket)) + (x_rows_contiguous ? 0 : heap_bytes<S>(B::kRows * depth));
+  return bytes + workers * per_worker;
 }
 
 /// y (resized to n x c) = x * w + b for a whole row-major w: the projections of every layer.

@@ -304,6 +304,26 @@ void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const
                      calls[i].out);
 }
 
+/// Heap bytes run_attention allocates for `count` calls shaped alike (`rows` query rows over m keys, key width dk,
+/// value width dv): one tile workspace per worker, and split-K's partial outputs when the calls are shaped for
+/// decoding. Each workspace buffer is counted with its allocation overhead.
+template <class S>
+Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk, Index dv,
+                                      const AttentionOptions& o) {
+  if (count == 0 || rows == 0) return 0;
+  const Index threads = resolve_threads(o.threads);
+  const TilePlan plan = plan_tiles<S>(rows, m, o);
+  const Index workspace = AttentionWorkspace<S>::bytes(plan, dk, dv) + 10 * kAllocationOverhead;
+  if (use_split_keys<S>(rows, m)) {
+    const Index chunks = (m + kSplitKeys - 1) / kSplitKeys;
+    return heap_bytes<S>(count * chunks * rows * dv) + heap_bytes<S>(count * chunks * rows) +
+           std::min(threads, chunks) * workspace;
+  }
+  const Index tiles = (rows + plan.rows - 1) / plan.rows;
+  const Index workers = count >= threads && threads > 1 ? std::min(threads, count) : std::min(threads, tiles);
+  return heap_bytes<const void*>(count) + std::max<Index>(workers, 1) * workspace;
+}
+
 /// The one entry point of exact attention: runs every call. Runs of consecutive calls shaped for decoding (a few
 /// query rows over many keys, same shapes) go split-K; the others run whole, in parallel one thread each when there
 /// are at least as many of them as threads, otherwise one after another with every thread on its query tiles. Which

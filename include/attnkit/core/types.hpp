@@ -31,5 +31,15 @@ void static_check_scalar() {
   static_assert(is_supported_scalar_v<S>, "attnkit supports float and double");
 }
 
+/// What one heap allocation may cost beyond its data: Eigen's alignment padding (up to 64 bytes when malloc aligns
+/// less than a packet) and the allocator's rounding. The *_workspace_bytes functions count it once per buffer.
+inline constexpr Index kAllocationOverhead = 128;
+
+/// Heap bytes of one buffer of `count` objects of type T (none for an empty buffer).
+template <class T>
+constexpr Index heap_bytes(Index count) {
+  return count > 0 ? count * Index(sizeof(T)) + kAllocationOverhead : 0;
+}
+
 }  // namespace detail
 }  // namespace attnkit

@@ -1,0 +1,165 @@
+// The documented workspace of every layer and of the linear-family calls that had none (MHA forward and decode
+// step, GAU, FLASH, the synthesizers, Efficient Attention, the recurrent step) against the heap a call really takes,
+// counted by the malloc interposer in support/counting_malloc.cpp: each figure must bound the measured peak, and on
+// problems big enough for the buffers to dominate it must be tight (at most twice the measurement), so the
+// benchmark table's workspace column means something. Odd sizes, one and two threads. Built only without
+// sanitizers, which replace malloc themselves.
+#include <gtest/gtest.h>
+
+#include <attnkit/attnkit.hpp>
+
+#include <cstdio>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../support/counting_malloc.hpp"
+#include "test_util.hpp"
+
+namespace attnkit::testing {
+namespace {
+
+using F = Matrix<float>;
+/// Allocations a call may make besides its workspace: std::thread's bookkeeping when OpenMP is off.
+constexpr int64_t kSlack = 16 * 1024;
+
+struct Case {
+  std::string what;
+  std::function<void()> call;  ///< run once to warm up (thread pool, kept probabilities), then measured
+  Index documented;
+  bool big;  ///< buffers dominate: the figure must also be within 2x of the measurement
+};
+
+void check(const Case& c) {
+  SCOPED_TRACE(c.what);
+  c.call();
+  const int64_t heap = heap::peak_during(c.call);
+  std::printf("  %-58s heap %9.1f KiB, documented %9.1f KiB (%.2f)\n", c.what.c_str(), double(heap) / 1024,
+              double(c.documented) / 1024, double(heap) / double(c.documented));
+  EXPECT_LE(heap, c.documented + kSlack) << "measured " << heap << " bytes";
+  if (c.big) {
+    EXPECT_GE(2 * heap, c.documented) << "documented " << c.documented << " bytes is loose";
+  }
+}
+
+std::string name(const char* what, Index n, int threads, const char* extra = "") {
+  return std::string(what) + " n=" + std::to_string(n) + " threads=" + std::to_string(threads) + extra;
+}
+
+TEST(Workspace, MultiHeadAttentionForwardAndStep) {
+  for (const auto& [width, heads, kv_heads] : {std::tuple<Index, Index, Index>{64, 4, 4}, {96, 6, 2}}) {
+    MultiHeadConfig config;
+    config.width = width, config.heads = heads, config.kv_heads = kv_heads;
+    const auto layer = std::make_shared<MultiHeadAttention<float>>(config, 1);
+    for (const Index n : {Index(7), Index(301)})
+      for (const int threads : {1, 2}) {
+        AttentionOptions o;
+        o.threads = threads, o.causal = n == 7;
+        const auto x = std::make_shared<F>(random_matrix<float>(n, width, 2));
+        const auto out = std::make_shared<F>(n, width);
+        check({name("MHA self", n, threads, kv_heads < heads ? " GQA" : ""), [=] { layer->forward_into(*x, *out, o); },
+               layer->workspace_bytes(n, -1, o), n > 100});
+        const auto kv = std::make_shared<F>(random_matrix<float>(131, width, 3));
+        check({name("MHA cross m=131", n, threads), [=] { layer->forward_into(*x, *kv, *kv, *out, o); },
+               layer->workspace_bytes(n, 131, o), n > 100});
+      }
+    for (const Index cached : {Index(40), Index(2047)})
+      for (const int threads : {1, 2}) {
+        AttentionOptions o;
+        o.threads = threads;
+        const auto cache = std::make_shared<KVCache<float>>(layer->make_cache(cached + 8));
+        layer->forward_step(random_matrix<float>(cached, width, 4), *cache);
+        const auto token = std::make_shared<F>(random_matrix<float>(1, width, 5));
+        check({name("MHA step, cached", cached, threads),
+               [=] {
+                 layer->forward_step(*token, *cache, o);
+                 cache->truncate(cached);
+               },
+               layer->step_workspace_bytes(1, cached, o), false});
+      }
+  }
+}
+
+TEST(Workspace, GauAndFlash) {
+  GauConfig config;
+  config.width = 48, config.shared = 17, config.chunk = 13;
+  const auto gau = std::make_shared<GatedAttentionUnit<float>>(config, 1);
+  const auto flash = std::make_shared<FlashAttentionLayer<float>>(config, 1);
+  for (const Index n : {Index(7), Index(300)})
+    for (const int threads : {1, 2})
+      for (const bool causal : {false, true}) {
+        GauOptions o;
+        o.threads = threads, o.causal = causal;
+        const auto x = std::make_shared<F>(random_matrix<float>(n, config.width, 2));
+        const auto out = std::make_shared<F>(n, config.width);
+        const char* c = causal ? " causal" : "";
+        check({name("FLASH", n, threads, c), [=] { flash->forward_into(*x, *out, o); }, flash->workspace_bytes(n, o),
+               n > 100});
+        for (const auto norm : {GauNormalization::kRelu2, GauNormalization::kSoftmaxPlus}) {
+          o.normalization = norm;
+          check({name("GAU", n, threads, norm == GauNormalization::kRelu2 ? " relu2" : " softmax_plus"),
+                 [=] { gau->forward_into(*x, *out, o); }, gau->workspace_bytes(n, o), n > 100});
+        }
+      }
+}
+
+TEST(Workspace, Synthesizers) {
+  SynthesizerConfig config;
+  config.width = 60, config.heads = 3, config.max_length = 400, config.a = 16, config.b = 25, config.k = 7;
+  using Kind = SynthesizerKind;
+  const std::vector<std::pair<std::string, std::shared_ptr<SynthesizerLayer<float>>>> layers = {
+      {"Dense", std::make_shared<DenseSynthesizer<float>>(config, 1)},
+      {"Random", std::make_shared<RandomSynthesizer<float>>(config, 1)},
+      {"FactorizedDense", std::make_shared<FactorizedDenseSynthesizer<float>>(config, 1)},
+      {"FactorizedRandom", std::make_shared<FactorizedRandomSynthesizer<float>>(config, 1)},
+      {"Mixture(Random, DotProduct)",
+       std::make_shared<MixtureSynthesizer<float>>(config, std::vector<Kind>{Kind::kRandom, Kind::kDotProduct}, 1)},
+      {"Mixture(all five)",
+       std::make_shared<MixtureSynthesizer<float>>(
+           config, std::vector<Kind>{Kind::kDense, Kind::kRandom, Kind::kFactorizedDense, Kind::kFactorizedRandom,
+                                     Kind::kDotProduct},
+           1)},
+  };
+  for (const auto& [what, layer] : layers)
+    for (const Index n : {Index(7), Index(300)})
+      for (const int threads : {1, 2}) {
+        AttentionOptions o;
+        o.threads = threads, o.causal = threads == 2;
+        const auto x = std::make_shared<F>(random_matrix<float>(n, config.width, 2));
+        const auto out = std::make_shared<F>(n, config.width);
+        const auto l = layer;
+        check({name(what.c_str(), n, threads), [=] { l->forward_into(*x, *out, o); }, l->workspace_bytes(n, o),
+               n > 100});
+      }
+  EXPECT_EQ(layers[1].second->kept_bytes(300), 3 * 300 * 300 * Index(sizeof(float)));
+  EXPECT_EQ(layers[0].second->kept_bytes(300), 0);
+}
+
+TEST(Workspace, EfficientAttentionAndRecurrentStep) {
+  for (const Index n : {Index(7), Index(3001)})
+    for (const int threads : {1, 2}) {
+      const Index d = 37;
+      const auto q = std::make_shared<F>(random_matrix<float>(n, d, 1));
+      const auto k = std::make_shared<F>(random_matrix<float>(n, d, 2));
+      const auto v = std::make_shared<F>(random_matrix<float>(n, d, 3));
+      const auto out = std::make_shared<F>(n, d);
+      LinearOptions o;
+      o.threads = threads;
+      check({name("efficient_attention", n, threads), [=] { efficient_attention(*q, *k, *v, *out, o); },
+             efficient_attention_workspace_bytes<float>(n, n, d, d, o), n > 100});
+    }
+  for (const Index t : {Index(1), Index(40)}) {
+    const auto state = std::make_shared<LinearAttentionState<float, EluPlusOne>>(EluPlusOne{}, 64, 48);
+    const auto q = std::make_shared<F>(random_matrix<float>(t, 64, 1));
+    const auto v = std::make_shared<F>(random_matrix<float>(t, 48, 2));
+    // The first step grows the state's scratch (counted); later steps allocate only their result.
+    const int64_t first = heap::peak_during([&] { state->step(*q, *q, *v); });
+    EXPECT_LE(first, state->step_workspace_bytes(t) + kSlack) << "t = " << t;
+    check({"LinearAttentionState::step t=" + std::to_string(t), [=] { state->step(*q, *q, *v); }, state->step_workspace_bytes(t),
+           false});
+  }
+}
+
+}  // namespace
+}  // namespace attnkit::testing

@@ -50,6 +50,7 @@ void BM_Gau(benchmark::State& state) {
   Matrix<float> out(n, kD);
   const int64_t heap = run_timed(state, [&] { gau.forward_into(x, out, o); });
   report(state, projection_flops(n) + 2.0 * (kS + kE) * pairs(n, o.causal), 1, heap);
+  report_workspace(state, gau.workspace_bytes(n, o));
   report_error(state, std::to_string(state.range(0)) + "/" + std::to_string(state.range(2)),
                [&] { return layer_error<GatedAttentionUnit>(small_config(), 100, 64, o); });
   state.SetLabel(kNormNames[state.range(0)]);
@@ -69,6 +70,7 @@ void BM_Flash(benchmark::State& state) {
   for (Index r0 = 0; r0 < n; r0 += kChunk) quad += pairs(std::min(kChunk, n - r0), o.causal);
   if (o.causal) linear_tokens -= double(std::min(kChunk, n)) + double(n - (n - 1) / kChunk * kChunk);
   report(state, projection_flops(n) + 2.0 * (kS + kE) * quad + 2.0 * linear_tokens * kS * kE, 1, heap);
+  report_workspace(state, flash.workspace_bytes(n, o));
   report_error(state, std::to_string(state.range(1)),
                [&] { return layer_error<FlashAttentionLayer>(small_config(), 100, 64, o); });
 }
@@ -91,6 +93,11 @@ void BM_MhaFfn(benchmark::State& state) {
     detail::dense(detail::matrix_view(hidden), w2, Matrix<float>(), y, 1);
   });
   report(state, 8.0 * double(n) * kD * kD + 4.0 * kD * pairs(n, o.causal) + 4.0 * double(n) * kD * double(f), 1, heap);
+  // The layer's workspace, then the feed-forward's hidden and output (the first call allocates them) and products.
+  const Index hidden_bytes = detail::heap_bytes<float>(n * f), y_bytes = detail::heap_bytes<float>(n * kD);
+  report_workspace(state, std::max({mha.workspace_bytes(n, -1, o),
+                                    hidden_bytes + detail::dense_workspace_bytes<float>(n, kD, f, 1),
+                                    hidden_bytes + y_bytes + detail::dense_workspace_bytes<float>(n, f, kD, 1)}));
   report_error(state, std::to_string(state.range(1)),  // the attention part (the feed-forward is two dense products)
                [&] { return layer_error<MultiHeadAttention>(c, 100, kD, o); });
   state.counters["ffn_width"] = double(f);

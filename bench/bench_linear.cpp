@@ -60,6 +60,8 @@ void BM_Linear(benchmark::State& state) {
     state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
     if constexpr (!std::is_same_v<std::decay_t<decltype(map)>, std::nullptr_t>)
       report_workspace(state, linear_attention_workspace_bytes<float>(n, n, kD, kD, map, o));
+    else
+      report_workspace(state, efficient_attention_workspace_bytes<float>(n, n, kD, kD, o));
   });
   report_error(state, std::to_string(id) + "/" + std::to_string(state.range(1)), [&] {  // n = 200, same map in double
     const Matrix<float> sq = q.topRows(200), sk = k.topRows(200), sv = v.topRows(200);
@@ -106,6 +108,7 @@ void BM_RecurrentStep(benchmark::State& state) {
       const int64_t heap = heap::peak_during([&] { benchmark::DoNotOptimize(s.step(q, k, v).data()); });
       for (auto _ : state) benchmark::DoNotOptimize(s.step(q, k, v).data());
       state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+      report_workspace(state, s.step_workspace_bytes(1));
     }
   });
   report_error(state, std::to_string(id), [&] {  // a step after 100 tokens, float against double

@@ -32,16 +32,13 @@ void BM_MhaForward(benchmark::State& state) {
   const MultiHeadAttention<float> layer(config_of(s), 1);
   const Matrix<float> x = random_matrix<float>(n, s.width, 2);
   Matrix<float> out(n, s.width);
-  const int64_t heap = heap::peak_during([&] { layer.forward_into(x, out); });
-  for (auto _ : state) {
-    layer.forward_into(x, out);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { layer.forward_into(x, out); });
   const int threads = detail::resolve_threads(0);
   report(state,
          projection_flops(s, n) +
              attention_flops(double(n) * double(n), s.width / s.heads, s.width / s.heads) * double(s.heads),
          threads, heap);
+  report_workspace(state, layer.workspace_bytes(n));
   report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads),
                [&] { return layer_error<MultiHeadAttention>(config_of(s), 64, s.width, AttentionOptions{}); });
 }
@@ -52,12 +49,9 @@ void BM_MhaAttentionOnly(benchmark::State& state) {
   const Matrix<float> q = random_matrix<float>(n, s.heads * d, 1), k = random_matrix<float>(n, s.kv_heads * d, 2);
   const Matrix<float> v = random_matrix<float>(n, s.kv_heads * d, 3);
   Matrix<float> out(n, s.heads * d);
-  const int64_t heap = heap::peak_during([&] { multi_head_attention(q, k, v, out, s.heads, s.kv_heads); });
-  for (auto _ : state) {
-    multi_head_attention(q, k, v, out, s.heads, s.kv_heads);
-    benchmark::ClobberMemory();
-  }
+  const int64_t heap = run_timed(state, [&] { multi_head_attention(q, k, v, out, s.heads, s.kv_heads); });
   report(state, attention_flops(double(n) * double(n), d, d) * double(s.heads), detail::resolve_threads(0), heap);
+  report_workspace(state, multi_head_attention_workspace_bytes<float>(n, n, s.heads, s.kv_heads, d, d));
   report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads), [&] {
     const Index small = 64;
     const Matrix<float> sq = q.topRows(small), sk = k.topRows(small), sv = v.topRows(small);
@@ -88,6 +82,7 @@ void BM_MhaDecodeStep(benchmark::State& state) {
   }
   report(state, projection_flops(s, 1) + attention_flops(double(cached + 1), d, d) * double(s.heads),
          detail::resolve_threads(0), heap);
+  report_workspace(state, layer.step_workspace_bytes(1, cached));
   report_error(state, std::to_string(s.width) + "/" + std::to_string(s.heads) + "/" + std::to_string(s.kv_heads), [&] {
     // One step after 1500 cached tokens (split-K), float against double layers from the same seed.
     const MultiHeadAttention<float> lf(config_of(s), 1);

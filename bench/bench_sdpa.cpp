@@ -90,6 +90,7 @@ void BM_EigenCareful(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   report(state, p.flops(), 1, heap);
+  report_workspace(state, Index(sizeof(float)) * (p.n * p.n + p.n * p.d));  // its n x n scores and the output
   report_error(state, error_key(state), [&] {
     return error_against_reference(p.d, p.causal, [](const Problem& small, const AttentionOptions&) {
       CarefulEigen careful(small.n, small.d);
@@ -105,6 +106,7 @@ void BM_Reference(benchmark::State& state) {
   const int64_t heap = heap::peak_during([&] { reference::scaled_dot_product_attention(p.q, p.k, p.v, o); });
   for (auto _ : state) benchmark::DoNotOptimize(reference::scaled_dot_product_attention(p.q, p.k, p.v, o).data());
   report(state, p.flops(), 1, heap);
+  report_workspace(state, Index(sizeof(float)) * (p.n * p.n + p.n * p.d));  // the n x n weights and the output
   report_error(state, error_key(state), [&] {
     return error_against_reference(p.d, p.causal, [](const Problem& small, const AttentionOptions& so) {
       return reference::scaled_dot_product_attention(small.q, small.k, small.v, so);
@@ -123,6 +125,8 @@ void BM_Decode(benchmark::State& state) {
   o.threads = int(state.range(2));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(m), d, d), o.threads, heap);
+  // One query head: the same single call, with split-K's partial outputs counted.
+  report_workspace(state, multi_head_attention_workspace_bytes<float>(1, m, 1, 1, d, d, o));
   report_error(state, std::to_string(d), [&] {  // 1 query over 1500 keys: the split-K path
     return fused_error(random_matrix<float>(1, d, 4), random_matrix<float>(1500, d, 5),
                        random_matrix<float>(1500, d, 6), o);

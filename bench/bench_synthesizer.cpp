@@ -84,7 +84,8 @@ void BM_Synthesizer(benchmark::State& state) {
   call();  // Random kinds compute and keep their probabilities here, once: the timed calls reuse them
   report(state, synthesizer_flops(kind, double(n), allowed_pairs(n, o.causal)), 1, run_timed(state, call));
   // What a layer with input-independent logits keeps between calls: H n^2 probabilities.
-  state.counters["kept_MiB"] = l.depends_on_input() ? 0.0 : double(kHeads * n * n) * sizeof(float) / (1 << 20);
+  state.counters["kept_MiB"] = double(l.kept_bytes(n)) / (1 << 20);
+  report_workspace(state, l.workspace_bytes(n, o));
   report_error(state, std::to_string(kind) + "/" + std::to_string(state.range(2)),
                [&] { return synthesizer_error(kind, o); });
   state.SetLabel(kKindNames[kind]);
@@ -103,6 +104,7 @@ void BM_Mha(benchmark::State& state) {
   const double d = double(kWidth), nn = double(n);
   report(state, 8 * nn * d * d + 4 * allowed_pairs(n, o.causal) * d, 1,
          run_timed(state, [&] { mha.forward_into(x, out, o); }));
+  report_workspace(state, mha.workspace_bytes(n, -1, o));
   report_error(state, std::to_string(state.range(1)),
                [&] { return layer_error<MultiHeadAttention>(c, 100, kWidth, o); });
 }

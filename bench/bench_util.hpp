@@ -57,9 +57,11 @@ inline void report_workspace(benchmark::State& state, Index bytes) {
   state.counters["workspace_MiB"] = double(bytes) / (1024.0 * 1024.0);
 }
 
-/// Measures the peak heap of one `call`, then times it in the benchmark loop; returns the heap bytes.
+/// Measures the peak heap of one warm `call` (after a first one, so that one-time set-up such as the thread pool's
+/// is not counted), then times it in the benchmark loop; returns the heap bytes.
 template <class F>
 int64_t run_timed(benchmark::State& state, const F& call) {
+  call();
   const int64_t heap = heap::peak_during(call);
   for (auto _ : state) {
     call();

@@ -262,7 +262,7 @@ def overview(rows, context, results):
         "count (the multi-head layer runs on all cores; its % of peak is of all of them). Time and heap at the smallest "
         "and the largest n each benchmark ran; growth is their time ratio, to set against the ratio of the two n "
         "(linear cost) or its square (quadratic). "
-        "Workspace is the library's documented figure (`*_workspace_bytes`) where it has one. Every row of the run: "
+        "Workspace is the library's documented upper bound for the call (`*_workspace_bytes`); for the materialising baselines, their n x n matrix. Every row of the run: "
         "`summary.md`.",
         "",
         "| family | variant | parameters | n | time (ms) | GFLOP/s | % of peak | growth | heap (MiB) | workspace (MiB) "

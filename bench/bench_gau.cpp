@@ -95,9 +95,9 @@ void BM_MhaFfn(benchmark::State& state) {
   report(state, 8.0 * double(n) * kD * kD + 4.0 * kD * pairs(n, o.causal) + 4.0 * double(n) * kD * double(f), 1, heap);
   // The layer's workspace, then the feed-forward's hidden and output (the first call allocates them) and products.
   const Index hidden_bytes = detail::heap_bytes<float>(n * f), y_bytes = detail::heap_bytes<float>(n * kD);
-  report_workspace(state, std::max({mha.workspace_bytes(n, -1, o),
-                                    hidden_bytes + detail::dense_workspace_bytes<float>(n, kD, f, 1),
-                                    hidden_bytes + y_bytes + detail::dense_workspace_bytes<float>(n, f, kD, 1)}));
+  report_workspace(
+      state, std::max({mha.workspace_bytes(n, -1, o), hidden_bytes + detail::dense_workspace_bytes<float>(n, kD, f, 1),
+                       hidden_bytes + y_bytes + detail::dense_workspace_bytes<float>(n, f, kD, 1)}));
   report_error(state, std::to_string(state.range(1)),  // the attention part (the feed-forward is two dense products)
                [&] { return layer_error<MultiHeadAttention>(c, 100, kD, o); });
   state.counters["ffn_width"] = double(f);

@@ -179,19 +179,23 @@ std::vector<Row> layer_rows() {
                     layer.forward_step(mat(1, 8), cache);
                   },
                   {"forward_step", "cache"}});
-  rows.push_back({"multi_head_attention_workspace_bytes", "H % H_kv != 0",
+  rows.push_back({"multi_head_attention_workspace_bytes",
+                  "H % H_kv != 0",
                   [] { multi_head_attention_workspace_bytes<float>(5, 6, 4, 3, 8, 8); },
                   {"multi_head_attention_workspace_bytes", "H = 4", "H_kv = 3"}});
-  rows.push_back({"MultiHeadAttention::workspace_bytes", "m < -1",
+  rows.push_back({"MultiHeadAttention::workspace_bytes",
+                  "m < -1",
                   [=] { MultiHeadAttention<float>(mha_config([](MultiHeadConfig&) {})).workspace_bytes(5, -2); },
                   {"MultiHeadAttention::workspace_bytes", "m = -2"}});
-  rows.push_back({"MultiHeadAttention::workspace_bytes", "bad option",
+  rows.push_back({"MultiHeadAttention::workspace_bytes",
+                  "bad option",
                   [=] {
-                    MultiHeadAttention<float>(mha_config([](MultiHeadConfig&) {}))
-                        .workspace_bytes(5, 5, with([](AttentionOptions& o) { o.softcap = -1; }));
+                    MultiHeadAttention<float>(mha_config([](MultiHeadConfig&) {
+                    })).workspace_bytes(5, 5, with([](AttentionOptions& o) { o.softcap = -1; }));
                   },
                   {"MultiHeadAttention::workspace_bytes", "softcap"}});
-  rows.push_back({"MultiHeadAttention::step_workspace_bytes", "cached < 0",
+  rows.push_back({"MultiHeadAttention::step_workspace_bytes",
+                  "cached < 0",
                   [=] { MultiHeadAttention<float>(mha_config([](MultiHeadConfig&) {})).step_workspace_bytes(1, -4); },
                   {"MultiHeadAttention::step_workspace_bytes", "cached"}});
   rows.push_back({"MultiHeadAttention::forward_into", "out of the wrong shape",
@@ -301,13 +305,15 @@ std::vector<Row> layer_rows() {
                     FactorizedRandomSynthesizer<float>(synth_config([](SynthesizerConfig&) {})).attention_weights(mat(20, 8));
                   },
                   {"20", "12"}});
-  rows.push_back({"Synthesizer::workspace_bytes", "n > max_length",
+  rows.push_back({"Synthesizer::workspace_bytes",
+                  "n > max_length",
                   [=] { DenseSynthesizer<float>(synth_config([](SynthesizerConfig&) {})).workspace_bytes(13); },
                   {"Synthesizer::workspace_bytes", "13", "12"}});
-  rows.push_back({"Synthesizer::workspace_bytes", "bad option",
+  rows.push_back({"Synthesizer::workspace_bytes",
+                  "bad option",
                   [=] {
-                    RandomSynthesizer<float>(synth_config([](SynthesizerConfig&) {}))
-                        .workspace_bytes(5, with([](AttentionOptions& o) { o.threads = -2; }));
+                    RandomSynthesizer<float>(synth_config([](SynthesizerConfig&) {
+                    })).workspace_bytes(5, with([](AttentionOptions& o) { o.threads = -2; }));
                   },
                   {"Synthesizer::workspace_bytes", "threads"}});
   // GAU and FLASH.
@@ -368,17 +374,20 @@ std::vector<Row> layer_rows() {
                     FlashAttentionLayer<float>(gau_config([](GauConfig&) {})).forward(mat(5, 8), o);
                   },
                   {"key_length"}});
-  rows.push_back({"GatedAttentionUnit::workspace_bytes", "n < 0",
+  rows.push_back({"GatedAttentionUnit::workspace_bytes",
+                  "n < 0",
                   [=] { GatedAttentionUnit<float>(gau_config([](GauConfig&) {})).workspace_bytes(-1); },
                   {"GatedAttentionUnit::workspace_bytes", "n"}});
-  rows.push_back({"GatedAttentionUnit::workspace_bytes", "key_length > n",
+  rows.push_back({"GatedAttentionUnit::workspace_bytes",
+                  "key_length > n",
                   [=] {
                     GauOptions o;
                     o.key_length = 9;
                     GatedAttentionUnit<float>(gau_config([](GauConfig&) {})).workspace_bytes(5, o);
                   },
                   {"GatedAttentionUnit::workspace_bytes", "key_length"}});
-  rows.push_back({"FlashAttentionLayer::workspace_bytes", "threads < 0",
+  rows.push_back({"FlashAttentionLayer::workspace_bytes",
+                  "threads < 0",
                   [=] {
                     GauOptions o;
                     o.threads = -1;
@@ -461,13 +470,19 @@ std::vector<Row> family_rows() {
                                                             linear_with([](LinearOptions& o) { o.chunk = -2; }));
                   },
                   {"chunk"}});
-  rows.push_back({"efficient_attention_workspace_bytes", "causal",
-                  [=] { efficient_attention_workspace_bytes<float>(5, 6, 4, 3, linear_with([](LinearOptions& o) { o.causal = true; })); },
+  rows.push_back({"efficient_attention_workspace_bytes",
+                  "causal",
+                  [=] {
+                    efficient_attention_workspace_bytes<float>(5, 6, 4, 3,
+                                                               linear_with([](LinearOptions& o) { o.causal = true; }));
+                  },
                   {"efficient_attention_workspace_bytes", "causal"}});
-  rows.push_back({"efficient_attention_workspace_bytes", "m < 0",
+  rows.push_back({"efficient_attention_workspace_bytes",
+                  "m < 0",
                   [=] { efficient_attention_workspace_bytes<float>(5, -6, 4, 3); },
                   {"efficient_attention_workspace_bytes", "m = -6"}});
-  rows.push_back({"LinearAttentionState::step_workspace_bytes", "t < 0",
+  rows.push_back({"LinearAttentionState::step_workspace_bytes",
+                  "t < 0",
                   [=] { LinearAttentionState<float, EluPlusOne>(EluPlusOne{}, 4, 3).step_workspace_bytes(-1); },
                   {"LinearAttentionState::step_workspace_bytes", "t"}});
   // Analysis.

@@ -115,11 +115,11 @@ TEST(Workspace, Synthesizers) {
       {"FactorizedRandom", std::make_shared<FactorizedRandomSynthesizer<float>>(config, 1)},
       {"Mixture(Random, DotProduct)",
        std::make_shared<MixtureSynthesizer<float>>(config, std::vector<Kind>{Kind::kRandom, Kind::kDotProduct}, 1)},
-      {"Mixture(all five)",
-       std::make_shared<MixtureSynthesizer<float>>(
-           config, std::vector<Kind>{Kind::kDense, Kind::kRandom, Kind::kFactorizedDense, Kind::kFactorizedRandom,
-                                     Kind::kDotProduct},
-           1)},
+      {"Mixture(all five)", std::make_shared<MixtureSynthesizer<float>>(
+                                config,
+                                std::vector<Kind>{Kind::kDense, Kind::kRandom, Kind::kFactorizedDense,
+                                                  Kind::kFactorizedRandom, Kind::kDotProduct},
+                                1)},
   };
   for (const auto& [what, layer] : layers)
     for (const Index n : {Index(7), Index(300)})
@@ -129,8 +129,8 @@ TEST(Workspace, Synthesizers) {
         const auto x = std::make_shared<F>(random_matrix<float>(n, config.width, 2));
         const auto out = std::make_shared<F>(n, config.width);
         const auto l = layer;
-        check({name(what.c_str(), n, threads), [=] { l->forward_into(*x, *out, o); }, l->workspace_bytes(n, o),
-               n > 100});
+        check(
+            {name(what.c_str(), n, threads), [=] { l->forward_into(*x, *out, o); }, l->workspace_bytes(n, o), n > 100});
       }
   EXPECT_EQ(layers[1].second->kept_bytes(300), 3 * 300 * 300 * Index(sizeof(float)));
   EXPECT_EQ(layers[0].second->kept_bytes(300), 0);
@@ -156,8 +156,8 @@ TEST(Workspace, EfficientAttentionAndRecurrentStep) {
     // The first step grows the state's scratch (counted); later steps allocate only their result.
     const int64_t first = heap::peak_during([&] { state->step(*q, *q, *v); });
     EXPECT_LE(first, state->step_workspace_bytes(t) + kSlack) << "t = " << t;
-    check({"LinearAttentionState::step t=" + std::to_string(t), [=] { state->step(*q, *q, *v); }, state->step_workspace_bytes(t),
-           false});
+    check({"LinearAttentionState::step t=" + std::to_string(t), [=] { state->step(*q, *q, *v); },
+           state->step_workspace_bytes(t), false});
   }
 }
 

@@ -478,10 +478,10 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
     const auto chunk = [&](int inner) {
       AttentionOptions o;
       o.causal = options.causal, o.threads = inner;
-      const Index products = std::max({this->projection_heap(len, inner),
-                                       detail::dense_workspace_bytes<S>(len, s, e, inner),
-                                       detail::dense_workspace_bytes<S>(s, len, e, inner),
-                                       detail::attention_calls_workspace_bytes<S>(1, len, len, s, e, o)});
+      const Index products =
+          std::max({this->projection_heap(len, inner), detail::dense_workspace_bytes<S>(len, s, e, inner),
+                    detail::dense_workspace_bytes<S>(s, len, e, inner),
+                    detail::attention_calls_workspace_bytes<S>(1, len, len, s, e, o)});
       return (options.causal ? 4 : 3) * detail::heap_bytes<S>(len * e) + 4 * detail::heap_bytes<S>(len * s) +
              (options.causal ? detail::heap_bytes<S>(s * e) : 0) + products;
     };
@@ -491,7 +491,8 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
     const Index chunks = (n + c - 1) / c;
     const Index kept = detail::heap_bytes<S>(n * e) + detail::heap_bytes<S>(n * s) + k_lin;
     const Index first = std::max(this->projection_heap(n, threads), detail::dense_workspace_bytes<S>(s, n, e, threads));
-    const Index chunked = chunks >= threads && threads > 1 ? std::min<Index>(threads, chunks) * chunk(1) : chunk(threads);
+    const Index chunked =
+        chunks >= threads && threads > 1 ? std::min<Index>(threads, chunks) * chunk(1) : chunk(threads);
     return state + kept + std::max(first, chunked);
   }
 

@@ -555,7 +555,8 @@ class LinearAttentionState {
   /// scratch grows to the largest block it has seen (at most one chunk), that scratch. Independent of length().
   Index step_workspace_bytes(Index t) const {
     if (t < 0) detail::fail("LinearAttentionState::step_workspace_bytes", "t must be >= 0, got ", t);
-    return detail::heap_bytes<S>(t * dv_) + detail::linear_heap<S>(shape_, std::max<Index>(std::min(t, chunk_), 1)).second;
+    return detail::heap_bytes<S>(t * dv_) +
+           detail::linear_heap<S>(shape_, std::max<Index>(std::min(t, chunk_), 1)).second;
   }
 
   /// Appends t tokens (rows of k and v) and returns the outputs of their queries (t x d_v): row i attends to every

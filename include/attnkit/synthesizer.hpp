@@ -294,8 +294,10 @@ Index logits_heap(const std::vector<SynthesizerKind>& kinds, const SynthesizerCo
   for (SynthesizerKind kind : kinds) {
     const Index r = factor_rank(kind, c);
     rank += r, bilinear_kinds += r > 0 ? 1 : 0;
-    if (kind == SynthesizerKind::kDense) scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.heads * c.width, threads));
-    if (kind == SynthesizerKind::kDotProduct) scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.width, threads));
+    if (kind == SynthesizerKind::kDense)
+      scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.heads * c.width, threads));
+    if (kind == SynthesizerKind::kDotProduct)
+      scratch = std::max(scratch, dense_workspace_bytes<S>(n, c.width, c.width, threads));
     if (kind == SynthesizerKind::kFactorizedDense) {
       additive += heap_bytes<S>(n * c.heads * c.a) + heap_bytes<S>(n * c.heads * c.b);
       scratch = std::max({scratch, dense_workspace_bytes<S>(n, c.width, c.heads * c.a, threads),
@@ -482,14 +484,12 @@ class SynthesizerLayer {
   /// for a length and options) are kept_bytes(n).
   Index workspace_bytes(Index n, const AttentionOptions& options = {}) const {
     constexpr const char* kWhere = "Synthesizer::workspace_bytes";
-    if (n < 0 || n > c_.max_length)
-      detail::fail(kWhere, "n must be in [0, l] with l = ", c_.max_length, ", got ", n);
+    if (n < 0 || n > c_.max_length) detail::fail(kWhere, "n must be in [0, l] with l = ", c_.max_length, ", got ", n);
     detail::validate_options(kWhere, options, n);
     const Index d = c_.width, dh = head_dim();
     const int threads = detail::resolve_threads(options.threads);
     const Index buffers = 2 * detail::heap_bytes<S>(n * d);
-    const Index project = std::max(detail::dense_workspace_bytes<S>(n, d, d, threads),
-                                   c_.output_projection ? detail::dense_workspace_bytes<S>(n, d, d, threads) : 0);
+    const Index project = detail::dense_workspace_bytes<S>(n, d, d, threads);  // G, and the output projection
     if (!depends_on_input()) return buffers + std::max(project, detail::dense_workspace_bytes<S>(n, n, dh, threads));
     const std::vector<SynthesizerKind> kinds = logit_kinds();
     Index rank = 0;

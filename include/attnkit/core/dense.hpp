@@ -131,8 +131,8 @@ Index dense_workspace_bytes(Index n, Index depth, Index cols, int threads, bool 
     bytes += heap_bytes<S>(round_up(round_up(cols, K::kPacket), K::kCols) * depth);
   const Index tasks = ((n + B::kRows - 1) / B::kRows) * ((cols + B::kCols - 1) / B::kCols);
   const Index workers = std::max<Index>(1, std::min<Index>(resolve_threads(threads), tasks));
-  const Index per_worker =
-      heap_bytes<S>(B::kRows * round_up(B::kCols, K::kPacket)) + (x_rows_contiguous ? 0 : heap_bytes<S>(B::kRows * depth));
+  const Index per_worker = heap_bytes<S>(B::kRows * round_up(B::kCols, K::kPacket)) +
+                           (x_rows_contiguous ? 0 : heap_bytes<S>(B::kRows * depth));
   return bytes + workers * per_worker;
 }
 

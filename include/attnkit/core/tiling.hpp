@@ -308,8 +308,7 @@ void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const
 /// value width dv): one tile workspace per worker, and split-K's partial outputs when the calls are shaped for
 /// decoding. Each workspace buffer is counted with its allocation overhead.
 template <class S>
-Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk, Index dv,
-                                      const AttentionOptions& o) {
+Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk, Index dv, const AttentionOptions& o) {
   if (count == 0 || rows == 0) return 0;
   const Index threads = resolve_threads(o.threads);
   const TilePlan plan = plan_tiles<S>(rows, m, o);

@@ -3,10 +3,12 @@
 #include <attnkit/core/mask.hpp>
 #include <attnkit/core/softmax.hpp>
 #include <attnkit/core/threading.hpp>
+#include <attnkit/core/tiling.hpp>
 
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "test_util.hpp"
@@ -95,6 +97,80 @@ TEST(OnlineSoftmax, AllMaskedRowGivesZerosNotNan) {
   EXPECT_EQ(row[0], 0.0);
   EXPECT_EQ(s.inverse_sum(), 0.0);
   EXPECT_TRUE(std::isinf(s.log_sum_exp()) && s.log_sum_exp() < 0);
+}
+
+// The float softmax's exponential (exp_below) against std::exp in double: within 1.3 ulp where |x - shift| <= 1 and
+// within the rounding of t = (x - shift) log2(e) beyond; exactly 0 at and below shift - 87.7 (a masked -inf
+// included), NaN for NaN, exactly 1 at x = shift. Odd shifts and every lane of the packet.
+TEST(OnlineSoftmax, FloatExponentialIsAccurateAndExactAtTheEnds) {
+  using namespace Eigen::internal;
+  using Packet = packet_traits<float>::type;
+  constexpr int P = packet_traits<float>::size;
+  if constexpr (P > 1) {
+    const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+    for (float shift : {0.f, 3.7f, -41.25f}) {
+      double worst_near = 0, worst_far = 0;
+      for (Index b = 0; b < 4096; ++b) {
+        float x[P], e[P];
+        for (int l = 0; l < P; ++l) {
+          const double w = (double((b % 2048) * P + l) + 0.37) / double(2048 * P);  // a sweep of (0, 1)
+          x[l] = shift - float(b < 2048 ? w : 87.0 * w);
+        }
+        pstoreu(e, attnkit::detail::exp_below(ploadu<Packet>(x), pset1<Packet>(shift)));
+        for (int l = 0; l < P; ++l) {
+          const double t = double(x[l]) - double(shift), expect = std::exp(t);
+          const double rel = std::abs(double(e[l]) - expect) / expect;
+          if (-t <= 1) {
+            worst_near = std::max(worst_near, rel);
+          } else {
+            const double allowed = 1.3 * 0x1p-23 + std::abs(t) * 1.4427 * 0x1p-24 + std::abs(t) * 0x1p-24;
+            worst_far = std::max(worst_far, rel / allowed);
+          }
+        }
+      }
+      EXPECT_LE(worst_near, 1.3 * 0x1p-23) << "shift " << shift;
+      EXPECT_LE(worst_far, 1.0) << "shift " << shift;
+    }
+    float x[P], e[P];
+    for (int l = 0; l < P; ++l) x[l] = l % 4 == 0 ? -inf : l % 4 == 1 ? nan : l % 4 == 2 ? -88.f : 0.f;
+    pstoreu(e, attnkit::detail::exp_below(ploadu<Packet>(x), pset1<Packet>(0.f)));
+    for (int l = 0; l < P; ++l) {
+      if (l % 4 == 1) {
+        EXPECT_TRUE(std::isnan(e[l])) << "lane " << l;
+      } else {
+        EXPECT_EQ(e[l], l % 4 == 3 ? 1.f : 0.f) << "lane " << l;
+      }
+    }
+  }
+}
+
+// The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
+// query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
+TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
+  for (Index n : {1, 7, 96, 257, 512, 2048, 4099})
+    for (Index d : {8, 64, 128}) {
+      AttentionOptions o;
+      o.threads = 1;
+      const TilePlan serial = plan_tiles<float>(n, n, d, d, o);
+      EXPECT_GE(serial.cols, 1);
+      EXPECT_LE(serial.cols, std::max<Index>(512, n));
+      for (int threads : {1, 2, 3, 8}) {
+        o.threads = threads;
+        const TilePlan plan = plan_tiles<float>(n, n, d, d, o);
+        EXPECT_EQ(plan.cols, serial.cols) << "n " << n << " d " << d << " threads " << threads;
+        EXPECT_LE(plan.rows, kMaxQueryTile<float>);
+        EXPECT_TRUE(plan.rows == n || plan.rows % KernelShape<float>::kRows == 0) << "rows " << plan.rows;
+        const Index tiles = (n + plan.rows - 1) / plan.rows;
+        if (n >= threads * 16 * KernelShape<float>::kRows) {  // 16 strips per thread or more: every thread has a tile
+          EXPECT_GE(tiles, threads) << "n " << n << " threads " << threads;
+        }
+      }
+    }
+  AttentionOptions fixed;
+  fixed.query_tile = 7, fixed.key_tile = 5;
+  const TilePlan plan = plan_tiles<float>(100, 100, 64, 64, fixed);
+  EXPECT_EQ(plan.rows, 7);
+  EXPECT_EQ(plan.cols, round_up(5, KernelShape<float>::kPacket));
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

@@ -279,19 +279,21 @@ TYPED_TEST(SdpaTest, BitIdenticalForAnyThreadCount) {
   using S = TypeParam;
   const Matrix<S> q = random_matrix<S>(300, 64, 1), k = random_matrix<S>(1000, 64, 2);
   const Matrix<S> v = random_matrix<S>(1000, 80, 3);
-  for (bool causal : {false, true}) {
-    AttentionOptions o;
-    o.causal = causal;
-    o.query_tile = 12;
-    o.threads = 1;
-    const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
-    for (int threads : {2, 3, 4, 7, 0}) {
-      o.threads = threads;
-      const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
-      EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0)
-          << "threads " << threads << " causal " << causal;
+  // query_tile 0: the automatic query tile follows the thread count (the key tile must not).
+  for (Index query_tile : {12, 0})
+    for (bool causal : {false, true}) {
+      AttentionOptions o;
+      o.causal = causal;
+      o.query_tile = query_tile;
+      o.threads = 1;
+      const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
+      for (int threads : {2, 3, 4, 7, 0}) {
+        o.threads = threads;
+        const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
+        EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0)
+            << "threads " << threads << " causal " << causal << " query_tile " << query_tile;
+      }
     }
-  }
 }
 
 TYPED_TEST(SdpaTest, MapsBlocksExpressionsAndStorageOrders) {

@@ -110,7 +110,7 @@ template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {
   detail::check_sizes("scaled_dot_product_attention_workspace_bytes", n, m, d_k, d_v);
-  return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(n, m, options), d_k, d_v);
+  return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(n, m, d_k, d_v, options), d_k, d_v);
 }
 
 }  // namespace attnkit

@@ -569,7 +569,7 @@ std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<
 template <class S>
 AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionOptions& options) {
   AttentionOptions o = options;
-  const Index default_rows = plan_tiles<S>(p.n, p.m, {}).rows;
+  const Index default_rows = query_tile_rows<S>(p.n, options);
   for (const auto& t : p.direct) {
     if (t.kind == SparsePattern::Kind::kBlocks && o.query_tile == 0 && o.key_tile == 0) {
       o.query_tile = t.rate * std::max<Index>(1, default_rows / t.rate);
@@ -713,11 +713,11 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
   const detail::SparseProblem<S> p(kWhere, pattern, n, m, options);
   const Index threads = detail::resolve_threads(options.threads), scalar = Index(sizeof(S));
   const auto workspace = [&](Index rows, Index keys, const AttentionOptions& o) {
-    return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(rows, keys, o), d_k, d_v);
+    return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(rows, keys, d_k, d_v, o), d_k, d_v);
   };
   constexpr Index kBookkeeping = 4096;  // the problem's term lists and the allocator's rounding, per thread and call
-  Index bytes = threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + n * scalar +
-                (threads + 1) * kBookkeeping;
+  Index bytes =
+      threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + n * scalar + (threads + 1) * kBookkeeping;
   if (options.log_n_scale) bytes += n * scalar;
   for (const auto& t : p.gathered) {
     // A residue class holds about n / k queries and m / k keys; summary columns all n queries and their columns.
@@ -725,7 +725,9 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
     const Index queries = columns ? n : n / t.rate + 1, keys = columns ? t.count * (m / t.rate + 1) : m / t.rate + 1;
     const Index rows = std::min(queries, detail::kSparseRows);
     const Index calls = (columns ? 1 : t.rate) * ((queries + rows - 1) / rows);
-    bytes += threads * (rows * (d_v + 1) * scalar + workspace(rows, std::min(keys, m), options)) +
+    AttentionOptions inner = options;  // calls spread one per thread have query tiles for one thread
+    if (calls >= threads) inner.threads = 1;
+    bytes += threads * (rows * (d_v + 1) * scalar + workspace(rows, std::min(keys, m), inner)) +
              calls * Index(sizeof(detail::AttentionCall<S, detail::SparseMask<S>>));
   }
   return bytes;

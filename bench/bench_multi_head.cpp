@@ -95,7 +95,7 @@ void BM_MhaDecodeStep(benchmark::State& state) {
     return relative_error(lf.forward_step(next, cf), ld.forward_step(next.cast<double>().eval(), cd));
   });
   const double kv_bytes = 2.0 * double(cached + 1) * double(s.kv_heads * d) * sizeof(float);
-  state.counters["KV_GBps"] = benchmark::Counter(kv_bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  report_kv_rate(state, kv_bytes, detail::resolve_threads(0));
 }
 
 void layer_shapes(benchmark::internal::Benchmark* b, const std::vector<int64_t>& lengths) {

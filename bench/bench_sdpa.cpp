@@ -131,8 +131,7 @@ void BM_Decode(benchmark::State& state) {
     return fused_error(random_matrix<float>(1, d, 4), random_matrix<float>(1500, d, 5),
                        random_matrix<float>(1500, d, 6), o);
   });
-  state.counters["KV_GBps"] =
-      benchmark::Counter(2.0 * double(m * d) * sizeof(float) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  report_kv_rate(state, 2.0 * double(m * d) * sizeof(float), o.threads);
 }
 
 const std::vector<int64_t> kLengths = {256, 512, 1024, 2048, 4096, 8192, 16384};

@@ -40,6 +40,19 @@ class HeapManager : public benchmark::MemoryManager {
 /// two FMA pipes. Measured once per process, before the benchmarks, so percentages come from the same run.
 double fma_peak_flops_per_core();
 
+/// Bytes per second a plain streaming read (a vectorised sum) gets over a buffer of `bytes` on `threads` threads,
+/// each summing its share: best of ten passes, the buffer staying in whatever cache level holds it, as a decoding
+/// step's K and V do when it runs again and again. Measured once per (bytes, threads), outside any timing. Decoding
+/// benchmarks report their K/V rate against it (pct_read_bw): 100% is the most the memory system gives a plain read.
+double read_bytes_per_second(Index bytes, int threads);
+
+/// Reports KV_GBps (`bytes` of K and V per call) and pct_read_bw against the streaming read of as many bytes.
+inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
+  state.counters["KV_GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["pct_read_bw"] = benchmark::Counter(100.0 * bytes / read_bytes_per_second(Index(bytes), threads),
+                                                     benchmark::Counter::kIsIterationInvariantRate);
+}
+
 /// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.
 inline double attention_flops(double pairs, Index d, Index dv) { return pairs * 2.0 * double(d + dv); }
 

@@ -1,5 +1,11 @@
-// The FMA-peak probe of bench_util.hpp, in its own translation unit so its loop is compiled exactly once.
+// The machine probes of bench_util.hpp (FMA peak, streaming read), in their own translation unit so their loops are
+// compiled exactly once.
 #include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
 
 #include "bench_util.hpp"
 
@@ -35,7 +41,48 @@ double measure() {
   return best;
 }
 
+__attribute__((noinline)) float stream_sum(const float* x, Index count) {
+  using namespace Eigen::internal;
+  using Packet = packet_traits<float>::type;
+  constexpr Index P = packet_traits<float>::size;
+  Packet a0 = pset1<Packet>(0.f), a1 = a0, a2 = a0, a3 = a0;
+  for (Index i = 0; i + 4 * P <= count; i += 4 * P) {
+    a0 = padd(a0, ploadu<Packet>(x + i)), a1 = padd(a1, ploadu<Packet>(x + i + P));
+    a2 = padd(a2, ploadu<Packet>(x + i + 2 * P)), a3 = padd(a3, ploadu<Packet>(x + i + 3 * P));
+  }
+  return predux(padd(padd(a0, a1), padd(a2, a3)));
+}
+
+double measure_read(Index bytes, int threads) {
+  const Index count = std::max<Index>(bytes / Index(sizeof(float)), 64 * threads);
+  std::vector<float> data(size_t(count), 1.f);
+  const Index share = count / threads;
+  double best = 0;
+  for (int pass = 0; pass < 10; ++pass) {
+    std::vector<float> sums(size_t(threads));
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::thread> pool;
+    for (int t = 1; t < threads; ++t)
+      pool.emplace_back([&, t] { sums[size_t(t)] = stream_sum(data.data() + t * share, share); });
+    sums[0] = stream_sum(data.data(), share);
+    for (auto& th : pool) th.join();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    benchmark::DoNotOptimize(sums.data());
+    best = std::max(best, double(share * threads) * sizeof(float) / seconds);
+  }
+  return best;
+}
+
 }  // namespace
+
+double read_bytes_per_second(Index bytes, int threads) {
+  static std::mutex mutex;
+  static std::map<std::pair<Index, int>, double> measured;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = measured.find({bytes, threads});
+  if (it == measured.end()) it = measured.emplace(std::make_pair(bytes, threads), measure_read(bytes, threads)).first;
+  return it->second;
+}
 
 double fma_peak_flops_per_core() {
   static const double peak = measure();

@@ -38,7 +38,7 @@ def load(results):
                 "family": family, "variant": parts[0].removeprefix("BM_"), "params": params,
                 "ms": b["real_time"] * scale, "gflops": b.get("GFLOPs"), "pct_peak": b.get("pct_peak"),
                 "heap_mib": b.get("heap_MiB"), "workspace_mib": b.get("workspace_MiB"), "kv_gbps": b.get("KV_GBps"),
-                "kept_mib": b.get("kept_MiB"), "max_err": b.get("max_err"),
+                "pct_read_bw": b.get("pct_read_bw"), "kept_mib": b.get("kept_MiB"), "max_err": b.get("max_err"),
             })
     return rows, context
 
@@ -217,6 +217,21 @@ def gau_section(rows):
     return lines
 
 
+def decode_section(rows):
+    """Decoding: bytes of K and V read per second, against a plain streaming read of as many bytes (pct_read_bw)."""
+    decode = [r for r in rows if r.get("kv_gbps") is not None]
+    if not decode:
+        return []
+    lines = ["", "## Decoding: K and V read per second", "",
+             "100% of the streaming read is what a vectorised sum over the same bytes on the same threads gets.", "",
+             "| family | variant | parameters | time (us) | K/V GB/s | % of streaming read |", "|---|---|---|---:|---:|---:|"]
+    for r in sorted(decode, key=lambda r: (r["family"], r["variant"], sorted(r["params"].items()))):
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        lines.append(f"| {r['family']} | {r['variant']} | {params} | {r['ms'] * 1e3:.1f} | {fmt(r['kv_gbps'])} | "
+                     f"{fmt(r['pct_read_bw'])} |")
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -240,6 +255,7 @@ def summary(rows, context, results):
     lines += linear_section(rows)
     lines += synthesizer_section(rows)
     lines += gau_section(rows)
+    lines += decode_section(rows)
     path = os.path.join(results, "summary.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

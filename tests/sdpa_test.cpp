@@ -169,6 +169,27 @@ TYPED_TEST(SdpaTest, FewQueriesOverManyKeysSplitAcrossKeyChunks) {
   this->check(n, m, 8, 8, causal, NaiveExtras{&bias_d, &mask, {}, {}}, bias, mask);
 }
 
+// Decoding shapes (at most a micro-kernel's rows of queries) read the key rows in place for their scores (AVX-512
+// floats): odd head dimensions (masked tails), key blocks ending mid-packet, one key tile or split-K, causal, and keys
+// in a block of a wider matrix (row stride != d).
+TYPED_TEST(SdpaTest, DecodingShapesOnOddHeadDimensionsAndStridedKeys) {
+  using S = TypeParam;
+  AttentionOptions causal;
+  causal.causal = true;
+  for (Index n : {1, 4, 6})
+    for (Index m : {17, 1000, 1031})
+      for (Index d : {1, 15, 17, 67, 200})
+        this->check(n, m, d, d == 1 ? 3 : d, (n + m + d) % 2 ? causal : AttentionOptions{}, {});
+  const Index n = 5, m = 1043, d = 37;
+  const Matrix<S> q = random_matrix<S>(n, d, 1), v = random_matrix<S>(m, d, 3);
+  Matrix<S> wide = random_matrix<S>(m, d + 9, 2);
+  const Matrix<S> k = wide.middleCols(4, d);
+  const auto expected =
+      naive_attention(q.template cast<double>(), k.template cast<double>(), v.template cast<double>(), {});
+  EXPECT_TRUE(all_close(scaled_dot_product_attention(q, wide.middleCols(4, d), v), expected.out,
+                        this->tol(m) * v.cwiseAbs().maxCoeff()));
+}
+
 TYPED_TEST(SdpaTest, SplitKeysAreBitIdenticalForAnyThreadCount) {
   using S = TypeParam;
   const Matrix<S> q = random_matrix<S>(2, 64, 1), k = random_matrix<S>(5000, 64, 2), v = random_matrix<S>(5000, 64, 3);

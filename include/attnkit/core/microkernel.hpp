@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 
 #include "mask.hpp"
 #include "types.hpp"
@@ -140,6 +141,102 @@ void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Inde
   }
 }
 
+/// Transposes a block of kPacket x kPacket in registers. Eigen's ptranspose, except for AVX-512 floats, where its
+/// 16 x 16 takes about 110 shuffles: here two stages within 128-bit lanes (unpack, shuffle) and two across them
+/// (shuffle_f32x4), 64 in all, on the one port that runs them.
+template <class Packet>
+inline void transpose_block(Eigen::internal::PacketBlock<Packet, Eigen::internal::unpacket_traits<Packet>::size>& b) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<Packet, Eigen::internal::Packet16f>) {
+    __m512 t[16], s[16];
+    for (int g = 0; g < 4; ++g) {
+      const __m512* r = b.packet + 4 * g;
+      t[4 * g] = _mm512_unpacklo_ps(r[0], r[1]), t[4 * g + 1] = _mm512_unpackhi_ps(r[0], r[1]);
+      t[4 * g + 2] = _mm512_unpacklo_ps(r[2], r[3]), t[4 * g + 3] = _mm512_unpackhi_ps(r[2], r[3]);
+      // s[4 g + c], lane L: column 4 L + c of rows 4 g .. 4 g + 3.
+      s[4 * g] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      s[4 * g + 1] = _mm512_shuffle_ps(t[4 * g], t[4 * g + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      s[4 * g + 2] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      s[4 * g + 3] = _mm512_shuffle_ps(t[4 * g + 1], t[4 * g + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; ++c) {  // row 4 L + c of the result: lane L of s[c], s[4 + c], s[8 + c], s[12 + c]
+      const __m512 u0 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0x44), u1 = _mm512_shuffle_f32x4(s[c], s[4 + c], 0xEE);
+      const __m512 u2 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0x44);
+      const __m512 u3 = _mm512_shuffle_f32x4(s[8 + c], s[12 + c], 0xEE);
+      b.packet[c] = _mm512_shuffle_f32x4(u0, u2, 0x88), b.packet[4 + c] = _mm512_shuffle_f32x4(u0, u2, 0xDD);
+      b.packet[8 + c] = _mm512_shuffle_f32x4(u1, u3, 0x88), b.packet[12 + c] = _mm512_shuffle_f32x4(u1, u3, 0xDD);
+    }
+    return;
+  }
+#endif
+  Eigen::internal::ptranspose(b);
+}
+
+#if defined(EIGEN_VECTORIZE_AVX512)
+/// Lane j of the result is the sum of the lanes of a[j]: sixteen dot products folded at once by a shuffle tree
+/// (pairs within 128-bit lanes, then across them): 30 shuffles and 15 adds, where sixteen reductions take 128.
+inline __m512 fold_sums(const __m512 (&a)[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // lane L: [a_2i, a_2i+1] x [elements 0+2, 1+3] of L
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i)  // lane L: keys 4i .. 4i+3, each summed over the elements of L
+    c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m512 f0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44), _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 f1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(f0, f1, 0x88), _mm512_shuffle_f32x4(f0, f1, 0xDD));
+}
+#endif
+
+/// Whether short_query_scores serves this call: float AVX-512, at most a micro-kernel's rows of queries (decoding),
+/// keys with contiguous rows. It depends on the call's shape only, so results never depend on the thread count.
+template <class S>
+bool use_short_query_scores(Index n, const StridedView<S>& k) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return std::is_same_v<S, float> && n <= KernelShape<S>::kRows && k.row_contiguous();
+#else
+  (void)n, (void)k;
+  return false;
+#endif
+}
+
+/// s[r * lds + c] = q_r . k_{j0 + c} for r < rows, c < cols (up to round_up(cols, 16), the rest 0): the score tile of a
+/// few queries (a decoding step) read straight from the key rows, without packing K^T. Packing a tile costs more than
+/// a few rows' products with it, so decoding spent most of its time there. Each row takes the keys 16 at a time,
+/// one packet of partial products per key, folded by fold_sums. q is rows x d at stride d.
+template <class S>
+void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k, Index j0, Index cols, S* s,
+                        Index lds) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<S, float>) {
+    const Index whole = d / 16 * 16;
+    const __mmask16 tail = __mmask16((1u << (d - whole)) - 1u);
+    for (Index c = 0; c < cols; c += 16) {
+      const Index keys = std::min<Index>(16, cols - c);
+      const float* kr[16];
+      for (Index j = 0; j < 16; ++j) kr[j] = k.row(j0 + c + std::min(j, keys - 1));  // a short block repeats its last
+      for (Index r = 0; r < rows; ++r) {
+        const float* qr = q + r * d;
+        __m512 acc[16];
+        for (auto& a : acc) a = _mm512_setzero_ps();
+        for (Index p = 0; p < whole; p += 16) {
+          const __m512 qv = _mm512_loadu_ps(qr + p);
+          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[j] + p), acc[j]);
+        }
+        if (tail) {
+          const __m512 qv = _mm512_maskz_loadu_ps(tail, qr + whole);
+          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, kr[j] + whole), acc[j]);
+        }
+        const __m512 sums = fold_sums(acc);
+        _mm512_storeu_ps(s + r * lds + c, keys == 16 ? sums : _mm512_maskz_mov_ps(__mmask16((1u << keys) - 1u), sums));
+      }
+    }
+    return;
+  }
+#endif
+  (void)q, (void)d, (void)rows, (void)k, (void)j0, (void)cols, (void)s, (void)lds;
+}
+
 /// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product
 /// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
 /// Whole kPacket x kPacket blocks of row-contiguous x go through an in-register transpose.
@@ -158,7 +255,7 @@ void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count
       for (Index k = 0; k < width_blocked; k += P) {
         PacketBlock<Packet, P> block;
         for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(x.row(j0 + col + c + r) + k);
-        ptranspose(block);
+        transpose_block(block);
         for (Index r = 0; r < P; ++r) pstoreu(dst + (k + r) * w + c, block.packet[r]);
       }
       for (Index r = 0; r < P; ++r) {

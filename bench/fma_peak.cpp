@@ -59,7 +59,7 @@ double measure_read(Index bytes, int threads) {
   const Index share = count / threads;
   double best = 0;
   for (int pass = 0; pass < 10; ++pass) {
-    std::vector<float> sums(size_t(threads));
+    std::vector<float> sums(static_cast<size_t>(threads), 0.f);
     const auto t0 = std::chrono::steady_clock::now();
     std::vector<std::thread> pool;
     for (int t = 1; t < threads; ++t)

@@ -41,7 +41,8 @@ class HeapManager : public benchmark::MemoryManager {
 double fma_peak_flops_per_core();
 
 /// Bytes per second a plain streaming read (a vectorised sum) gets over a buffer of `bytes` on `threads` threads,
-/// each summing its share: best of ten passes, the buffer staying in whatever cache level holds it, as a decoding
+/// each summing its share (sweeping it again up to 256 MiB in all, so that starting threads does not count): best of
+/// five passes, the buffer staying in whatever cache level holds it, as a decoding
 /// step's K and V do when it runs again and again. Measured once per (bytes, threads), outside any timing. Decoding
 /// benchmarks report their K/V rate against it (pct_read_bw): 100% is the most the memory system gives a plain read.
 double read_bytes_per_second(Index bytes, int threads);

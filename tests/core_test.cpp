@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -171,6 +172,49 @@ TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
   const TilePlan plan = plan_tiles<float>(100, 100, 64, 64, fixed);
   EXPECT_EQ(plan.rows, 7);
   EXPECT_EQ(plan.cols, round_up(5, KernelShape<float>::kPacket));
+}
+
+// The Lookahead (a prefetch hint, so only its bookkeeping can be checked): paced over `steps` calls it issues every
+// cache line of every queued row exactly once within those calls, for plain, strided, offset and grouped rows; rows
+// that are not contiguous are skipped; clear() forgets the rest.
+TEST(Lookahead, IssuesEveryLineOfTheQueuedRowsWithinThePacedSteps) {
+  std::vector<float> buffer(40000);
+  const auto lines_of = [](const float* p, Index count) {  // distinct 64-byte lines of [p, p + count)
+    if (count == 0) return Index(0);
+    const auto first = reinterpret_cast<std::uintptr_t>(p) / 64,
+               last = reinterpret_cast<std::uintptr_t>(p + count - 1) / 64;
+    return Index(last - first + 1);
+  };
+  struct Case {
+    StridedView<float> view;
+    Index r0, r1;
+  };
+  const StridedView<float> dense{buffer.data(), 300, 64, 64, 1};
+  const StridedView<float> strided{buffer.data() + 3, 100, 17, 53, 1};          // odd widths, rows mid-line
+  const StridedView<float> grouped{buffer.data() + 1, 90, 20, 20, 1, 30, 700};  // three groups of 30 rows
+  const StridedView<float> column_major{buffer.data(), 50, 40, 1, 50};
+  for (const Index steps : {1, 3, 7, 64, 1000}) {
+    Lookahead ahead;
+    Index expected = 0;
+    for (const Case& c : {Case{dense, 0, 64}, Case{strided, 5, 71}, Case{grouped, 17, 88}, Case{column_major, 0, 50}}) {
+      ahead.add(c.view, c.r0, c.r1);
+      if (c.view.row_contiguous())
+        for (Index i = c.r0; i < c.r1; ++i) expected += lines_of(c.view.row(i), c.view.cols);
+    }
+    ahead.pace(steps);
+    for (Index s = 0; s < steps; ++s) ahead.step();
+    EXPECT_EQ(ahead.issued(), expected) << "steps " << steps;
+    ahead.step();  // nothing left
+    EXPECT_EQ(ahead.issued(), expected);
+    ahead.clear();
+    ahead.step();
+    EXPECT_EQ(ahead.issued(), 0);
+  }
+  Lookahead empty;
+  empty.add(dense, 10, 10);
+  empty.pace(4);
+  empty.step();
+  EXPECT_EQ(empty.issued(), 0);
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -172,12 +173,12 @@ class PerformerFeatures {
     using K = detail::KernelShape<S>;
     features(d);
     const S scale = static_cast<S>(std::pow(double(d), -0.25)), norm = static_cast<S>(1.0 / std::sqrt(double(m_)));
-    thread_local Matrix<S> scaled;
-    scaled.resize(rows, d);
-    for (Index i = 0; i < rows * d; ++i) scaled.data()[i] = x[i] * scale;
+    // Scratch that only grows: calls come a few rows at a time, with a shorter last call.
+    thread_local Vector<S> scaled, proj;
+    if (scaled.size() < rows * d) scaled.resize(rows * d);
+    for (Index i = 0; i < rows * d; ++i) scaled[i] = x[i] * scale;
     const Index m_pad = detail::round_up(m_, K::kPacket);
-    thread_local Matrix<S> proj;
-    proj.resize(rows, m_pad);
+    if (proj.size() < rows * m_pad) proj.resize(rows * m_pad);
     // proj = x' W^T on the core micro-kernel (W^T row-major, read in place).
     detail::tile_product<S, false>(scaled.data(), d, rows, detail::RhsPanels<S>{w_t_.data(), K::kCols, m_pad}, d, m_pad,
                                    proj.data(), m_pad, nullptr);
@@ -188,7 +189,7 @@ class PerformerFeatures {
         shift = *std::max_element(p, p + m_);
       } else {
         S norm2 = 0;
-        for (Index c = 0; c < d; ++c) norm2 += scaled(i, c) * scaled(i, c);
+        for (Index c = 0; c < d; ++c) norm2 += scaled[i * d + c] * scaled[i * d + c];
         shift = norm2 / S(2) + static_cast<S>(key_shift_);
       }
       Eigen::Map<Eigen::Array<S, Eigen::Dynamic, 1>>(out + i * ld, m_) =
@@ -206,12 +207,8 @@ class PerformerFeatures {
 namespace detail {
 
 /// Rows [r0, r0 + rows) of x packed contiguously (row stride x.cols).
-/// Also asks for the next chunk's rows while this chunk computes: streaming from DRAM, the causal form's short chunks
-/// otherwise wait on every new row (12% at n = 65536; written inline: the same loop behind a helper measured no gain).
 template <class S>
 void pack_input_rows(const StridedView<S>& x, Index r0, Index rows, S* dst) {
-  for (Index i = r0 + rows; i < std::min(x.rows, r0 + 2 * rows); ++i)
-    for (Index c = 0; c < x.cols; c += 16) __builtin_prefetch(x.row(i) + c * x.col_stride, 0, 2);
   for (Index i = 0; i < rows; ++i) {
     const S* src = x.row(r0 + i);
     for (Index c = 0; c < x.cols; ++c) dst[i * x.cols + c] = src[c * x.col_stride];
@@ -219,15 +216,15 @@ void pack_input_rows(const StridedView<S>& x, Index r0, Index rows, S* dst) {
 }
 
 /// C (rows x cols) = [C +] A (rows x depth, row stride lda) B (depth x cols, row stride ldb), cols a multiple of the
-/// packet size, on the core micro-kernel: deterministic, and the same for any thread count.
+/// packet size, on the core micro-kernel: deterministic, and the same for any thread count. Steps `ahead`.
 template <class S>
 void small_gemm(const S* a, Index lda, Index rows, const S* b, Index ldb, Index depth, Index cols, S* c, Index ldc,
-                bool accumulate) {
+                bool accumulate, Lookahead* ahead = nullptr) {
   using K = KernelShape<S>;
   thread_local Vector<S> ones;
   if (accumulate && ones.size() < rows) ones = Vector<S>::Ones(rows);
   tile_product<S, false>(a, lda, rows, RhsPanels<S>{b, K::kCols, ldb}, depth, cols, c, ldc,
-                         accumulate ? ones.data() : nullptr);
+                         accumulate ? ones.data() : nullptr, {}, ahead);
 }
 
 /// Whether Map declares `static constexpr bool kNonNegative = true` (its features are never negative).
@@ -253,11 +250,13 @@ struct LinearState {
   void add(const LinearState& other) { s += other.s, z += other.z, z_abs += other.z_abs, keys += other.keys; }
 };
 
-/// Scratch of one chunk: features, transposed key features, values, products.
+/// Scratch of one chunk: features, transposed key features, values, products; and the next chunk's rows to fetch
+/// while this one computes.
 template <class S>
 struct LinearScratch {
   Matrix<S> x, phi, psi, psi_t, values, num, scores;
   Vector<S> den, seen_abs;
+  Lookahead ahead;
 };
 
 /// Shapes shared by the passes of one call.
@@ -272,15 +271,44 @@ LinearShape linear_shape(const Map& map, Index d, Index dv) {
   return {d, dv, r, round_up(r, K::kPacket), round_up(dv, K::kPacket)};
 }
 
-/// Features of rows [r0, r0 + rows) of x into f (rows x r_pad, zero padded).
+/// Rows per call of a feature map, four micro-kernel strips: the Lookahead steps between calls (a map's rows are
+/// independent), and a map built on a product (Performer) still reuses its weights across them (12 rows measured 7%
+/// slower for it).
+template <class S>
+constexpr Index kMapRows = 4 * KernelShape<S>::kRows;
+
+/// The Lookahead steps of one chunk of `rows` rows: its feature-map calls (for keys and for queries, causal) and the
+/// micro-kernel calls of its products.
+template <class S>
+Index chunk_steps(const LinearShape& sh, Index rows, bool keys, bool queries, bool causal) {
+  const Index map_calls = (rows + kMapRows<S> - 1) / kMapRows<S>;
+  Index steps = 0;
+  if (keys) steps += map_calls + tile_steps<S>(sh.r_pad, sh.dv_pad);
+  if (queries) steps += map_calls + tile_steps<S>(rows, sh.dv_pad);
+  if (causal) steps += tile_steps<S>(rows, round_up(rows, KernelShape<S>::kPacket)) + tile_steps<S>(rows, sh.dv_pad);
+  return steps;
+}
+
+/// Queues rows [r0, r0 + rows) of each view (the next chunk's) in w.ahead, paced over `steps`.
+template <class S>
+void look_ahead(LinearScratch<S>& w, std::initializer_list<StridedView<S>> views, Index r0, Index rows, Index steps) {
+  w.ahead.clear();
+  for (const StridedView<S>& x : views) w.ahead.add(x, r0, std::min(x.rows, r0 + rows));
+  w.ahead.pace(steps);
+}
+
+/// Features of rows [r0, r0 + rows) of x into f (rows x r_pad, zero padded), kMapRows rows per map call.
 template <class S, class Map>
 void chunk_features(const Map& map, const StridedView<S>& x, Index r0, Index rows, FeatureRole role,
-                    const LinearShape& sh, Matrix<S>& buffer, Matrix<S>& f) {
+                    const LinearShape& sh, Matrix<S>& buffer, Matrix<S>& f, Lookahead* ahead = nullptr) {
   buffer.resize(rows, sh.d);
   pack_input_rows(x, r0, rows, buffer.data());
   f.resize(rows, sh.r_pad);
   if (sh.r_pad > sh.r) f.rightCols(sh.r_pad - sh.r).setZero();
-  map.map(buffer.data(), rows, sh.d, role, f.data(), sh.r_pad);
+  for (Index i = 0; i < rows; i += kMapRows<S>) {
+    if (ahead) ahead->step();
+    map.map(buffer.data() + i * sh.d, std::min(kMapRows<S>, rows - i), sh.d, role, f.data() + i * sh.r_pad, sh.r_pad);
+  }
 }
 
 /// Key features psi (rows x r_pad) and psi^T (r_pad x rows, padded to whole packets of rows) and the values
@@ -288,12 +316,10 @@ void chunk_features(const Map& map, const StridedView<S>& x, Index r0, Index row
 template <class S, class Map>
 void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>& v, Index j0, Index rows,
                   const LinearShape& sh, LinearScratch<S>& w) {
-  chunk_features(map, k, j0, rows, FeatureRole::kKey, sh, w.x, w.psi);
+  chunk_features(map, k, j0, rows, FeatureRole::kKey, sh, w.x, w.psi, &w.ahead);
   w.psi_t = Matrix<S>::Zero(sh.r_pad, round_up(rows, KernelShape<S>::kPacket));
   w.psi_t.leftCols(rows) = w.psi.transpose();
   w.values = Matrix<S>::Zero(rows, sh.dv_pad);
-  for (Index i = j0 + rows; i < std::min(v.rows, j0 + 2 * rows); ++i)  // the next chunk's values, as above
-    for (Index c = 0; c < v.cols; c += 16) __builtin_prefetch(v.row(i) + c * v.col_stride, 0, 2);
   for (Index i = 0; i < rows; ++i) {
     const S* src = v.row(j0 + i);
     for (Index c = 0; c < sh.dv; ++c) w.values(i, c) = src[c * v.col_stride];
@@ -302,10 +328,10 @@ void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>&
 
 /// Adds the prepared keys to the state: S += psi^T V, z += psi^T 1 (and the guard's z_abs and key count).
 template <class Map, class S>
-void absorb_keys(const LinearShape& sh, const LinearScratch<S>& w, LinearState<S>& state) {
+void absorb_keys(const LinearShape& sh, LinearScratch<S>& w, LinearState<S>& state) {
   const Index rows = w.psi.rows();
   small_gemm(w.psi_t.data(), w.psi_t.cols(), sh.r_pad, w.values.data(), sh.dv_pad, rows, sh.dv_pad, state.s.data(),
-             sh.dv_pad, true);
+             sh.dv_pad, true, &w.ahead);
   state.z += w.psi.colwise().sum().transpose();
   if constexpr (!NonNegativeFeatures<Map>::value) state.z_abs += w.psi.cwiseAbs().colwise().sum().transpose();
   state.keys += rows;
@@ -351,7 +377,8 @@ template <class S>
 void masked_chunk_product(LinearScratch<S>& w, Index rows, Index dv_pad) {
   const Index cols = w.scores.cols();
   if (std::isfinite(w.values.sum())) {  // every value finite (a huge but finite sum only takes the slow path)
-    small_gemm(w.scores.data(), cols, rows, w.values.data(), dv_pad, rows, dv_pad, w.num.data(), dv_pad, true);
+    small_gemm(w.scores.data(), cols, rows, w.values.data(), dv_pad, rows, dv_pad, w.num.data(), dv_pad, true,
+               &w.ahead);
     return;
   }
   Matrix<S> finite = w.values;
@@ -369,16 +396,17 @@ template <class S, class Map>
 void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows, const LinearShape& sh,
                   const LinearState<S>& state, bool with_chunk_keys, Index c, S eps, LinearScratch<S>& w, S* out,
                   Index out_stride) {
-  chunk_features(map, q, i0, rows, FeatureRole::kQuery, sh, w.x, w.phi);
+  chunk_features(map, q, i0, rows, FeatureRole::kQuery, sh, w.x, w.phi, &w.ahead);
   w.num.resize(rows, sh.dv_pad);
   small_gemm(w.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad, sh.dv_pad, w.num.data(), sh.dv_pad,
-             false);
+             false, &w.ahead);
   Vector<S>& den = w.den;
   den.noalias() = w.phi * state.z;
   if (with_chunk_keys) {
     const Index cols = w.psi_t.cols();
     w.scores.resize(rows, cols);
-    small_gemm(w.phi.data(), sh.r_pad, rows, w.psi_t.data(), cols, sh.r_pad, cols, w.scores.data(), cols, false);
+    small_gemm(w.phi.data(), sh.r_pad, rows, w.psi_t.data(), cols, sh.r_pad, cols, w.scores.data(), cols, false,
+               &w.ahead);
     for (Index i = 0; i < rows; ++i) {
       for (Index j = i + 1; j < cols; ++j) w.scores(i, j) = S(0);  // causal inside the chunk
       den[i] += w.scores.row(i).head(i + 1).sum();
@@ -398,6 +426,7 @@ void causal_chunks(const Map& map, const StridedView<S>& q, const StridedView<S>
                    Index out_stride) {
   for (Index i0 = 0; i0 < q.rows; i0 += c) {
     const Index rows = std::min(c, q.rows - i0);
+    look_ahead(w, {q, k, v}, i0 + rows, c, chunk_steps<S>(sh, rows, true, true, true));
     prepare_keys(map, k, v, i0, rows, sh, w);
     chunk_output(map, q, i0, rows, sh, state, true, c, eps, w, out + i0 * out_stride, out_stride);
     absorb_keys<Map>(sh, w, state);
@@ -440,18 +469,30 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
       [&](Index p, LinearScratch<S>& w) {
         LinearState<S>& state = partial[size_t(p)];
         state.reset(sh.r_pad, sh.dv_pad);
-        for (Index t = p * chunks / parts; t < (p + 1) * chunks / parts; ++t) {
-          prepare_keys(map, k, v, t * c, std::min(c, m - t * c), sh, w);
+        const Index end = (p + 1) * chunks / parts;
+        for (Index t = p * chunks / parts; t < end; ++t) {
+          const Index rows = std::min(c, m - t * c);
+          look_ahead(w, {k, v}, t + 1 < end ? (t + 1) * c : m, c, chunk_steps<S>(sh, rows, true, false, false));
+          prepare_keys(map, k, v, t * c, rows, sh, w);
           absorb_keys<Map>(sh, w, state);
         }
       });
   LinearState<S> total = partial[0];
   for (Index p = 1; p < parts; ++p) total.add(partial[size_t(p)]);
-  parallel_for((n + c - 1) / c, o.threads, [] { return LinearScratch<S>(); },
-               [&](Index t, LinearScratch<S>& w) {
-                 chunk_output(map, q, t * c, std::min(c, n - t * c), sh, total, false, c, eps, w, out + t * c * out_stride,
-                              out_stride);
-               });
+  // The queries, in runs of consecutive chunks (a few per worker, so each fetches its next chunk ahead).
+  const Index q_chunks = (n + c - 1) / c;
+  const Index run = std::clamp<Index>(q_chunks / (4 * resolve_threads(o.threads)), 1, 16),
+              runs = (q_chunks + run - 1) / run;
+  parallel_for(
+      runs, o.threads, [] { return LinearScratch<S>(); },
+      [&](Index g, LinearScratch<S>& w) {
+        const Index end = std::min(q_chunks, (g + 1) * run);
+        for (Index t = g * run; t < end; ++t) {
+          const Index rows = std::min(c, n - t * c);
+          look_ahead(w, {q}, t + 1 < end ? (t + 1) * c : n, c, chunk_steps<S>(sh, rows, false, true, false));
+          chunk_output(map, q, t * c, rows, sh, total, false, c, eps, w, out + t * c * out_stride, out_stride);
+        }
+      });
 }
 
 template <class DQ, class DK, class DV>
@@ -513,7 +554,8 @@ std::pair<Index, Index> linear_heap(const LinearShape& sh, Index c) {
 /// map.features(d) features and chunks of c rows: the state (r x d_v plus 2 r) and one chunk's scratch (inputs,
 /// features, values, products and the c x c in-chunk scores: O(c (d + r + d_v + c) + r d_v)); non-causal, the state
 /// of each of up to 8 key parts plus one scratch per worker thread. Independent of n and m; never n x m. Whatever the
-/// feature map allocates itself is not included (PerformerFeatures keeps rows x (d + features) per thread).
+/// feature map allocates itself is not included (PerformerFeatures keeps, per thread, scratch for the largest call it
+/// has served: the map is called 24 rows at a time, 16 with scalar packets, so 24 x (d + features)).
 template <class S, class Map>
 Index linear_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const Map& map,
                                        const LinearOptions& options = {}) {
@@ -652,6 +694,8 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   state.reset(sh.r_pad, sh.dv_pad);
   detail::LinearScratch<S> w;
   for (Index j0 = 0; j0 < m; j0 += c) {
+    detail::look_ahead(w, {kv.view(), vv.view()}, j0 + c, c,
+                       detail::chunk_steps<S>(sh, std::min(c, m - j0), true, false, false));
     detail::prepare_keys(keys, kv.view(), vv.view(), j0, std::min(c, m - j0), sh, w);
     detail::absorb_keys<detail::ColumnExp<S>>(sh, w, state);
   }

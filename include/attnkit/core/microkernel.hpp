@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "mask.hpp"
@@ -105,6 +106,82 @@ struct RhsPanels {
   Index row_stride;
 };
 
+/// Rows of matrices to bring into L2 a few cache lines at a time while other work runs: the next chunk's inputs while
+/// this chunk computes (linear attention's chunk loops). Rows read from beyond the caches stall the loop that first
+/// touches them, and prefetching a whole chunk in one burst stalls it too, as soon as the core's line-fill buffers are
+/// all busy; spread over the micro-kernel calls of the current chunk (tile_product calls step() before each), the
+/// next chunk's loads overlap this chunk's arithmetic. Only a hint: results never depend on it. Views whose rows are
+/// not contiguous are not prefetched. (The fused SDPA loop does not use it: its key tiles serve many query rows, and
+/// fetching the next one measured no gain, its 0.5 MiB competing for L2 with the tile's own working set.)
+class Lookahead {
+ public:
+  /// Forgets what is queued.
+  void clear() { count_ = current_ = 0, total_lines_ = per_step_ = issued_ = 0; }
+
+  /// Queues rows [r0, r1) of x.
+  template <class S>
+  void add(const StridedView<S>& x, Index r0, Index r1) {
+    if (!x.row_contiguous() || r0 >= r1 || count_ == kMaxRanges) return;
+    Range& r = ranges_[count_++];
+    r = {reinterpret_cast<const char*>(x.data),
+         x.row_stride * Index(sizeof(S)),
+         x.group_rows,
+         x.group_stride * Index(sizeof(S)),
+         x.cols * Index(sizeof(S)),
+         r0,
+         r1,
+         0};
+    total_lines_ += (r1 - r0) * ((r.row_bytes + kLine - 1) / kLine + 1);  // + 1: a row may straddle a line
+  }
+
+  /// Spreads what is queued evenly over the next `steps` calls of step().
+  void pace(Index steps) { per_step_ = (total_lines_ + std::max<Index>(steps, 1) - 1) / std::max<Index>(steps, 1); }
+
+  /// Cache lines prefetched since clear() (each line of each queued row once).
+  Index issued() const { return issued_; }
+
+  /// Prefetches the next few queued cache lines.
+  void step() {
+    for (Index left = per_step_; left > 0 && current_ < count_;) {
+      Range& r = ranges_[current_];
+      if (r.row == r.end) {
+        ++current_;
+        continue;
+      }
+      const char* p = r.address(r.row);
+      const char* first = align_down(p);
+      const char* last = align_down(p + r.row_bytes - 1);
+      for (; first + r.offset <= last && left > 0; r.offset += kLine, --left, ++issued_) prefetch(first + r.offset);
+      if (first + r.offset > last) r.offset = 0, ++r.row;
+    }
+  }
+
+ private:
+  static constexpr Index kLine = 64;
+  static constexpr int kMaxRanges = 4;
+  struct Range {
+    const char* data;
+    Index row_stride, group_rows, group_stride, row_bytes, row, end, offset;
+    const char* address(Index i) const {
+      return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * row_stride
+                            : data + i * row_stride;
+    }
+  };
+  static const char* align_down(const char* p) {
+    return reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(kLine - 1));
+  }
+  static void prefetch(const char* p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 2);  // into L2 (and L3): the tile is packed or read once from there
+#else
+    (void)p;
+#endif
+  }
+  Range ranges_[kMaxRanges] = {};
+  int count_ = 0, current_ = 0;
+  Index total_lines_ = 0, per_step_ = 0, issued_ = 0;
+};
+
 /// Where the non-zero work of each strip of kRows rows lies in a tile product (banded and diagonal tiles): strip s
 /// needs only columns [cols[s].begin, cols[s].end) of C, and only depth [depth[s].begin, depth[s].end) of A (the rest
 /// of its A row is zero). Either pointer may be null (no limit). Columns outside the limit are left unwritten.
@@ -114,10 +191,11 @@ struct StripLimits {
 };
 
 /// C[rows x cols] = beta .* C + A[rows x depth] B[depth x cols], cols a multiple of kPacket. A last block of fewer
-/// than kRows rows gets a smaller kernel, so short tiles (a decoding query) do no padded work.
+/// than kRows rows gets a smaller kernel, so short tiles (a decoding query) do no padded work. `ahead`, if given, is
+/// stepped before each micro-kernel call (tile_steps of them at most).
 template <class S, bool kSkipZeros>
 void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Index depth, Index cols, S* c, Index ldc,
-                  const S* beta, StripLimits limits = {}) {
+                  const S* beta, StripLimits limits = {}, Lookahead* ahead = nullptr) {
   using K = KernelShape<S>;
   const S* panel = b.data;
   for (Index col = 0; col < cols; col += K::kCols, panel += b.panel_stride) {
@@ -134,11 +212,20 @@ void tile_product(const S* a, Index lda, Index rows, const RhsPanels<S>& b, Inde
       Index k0 = 0, k1 = depth;
       if (limits.depth)
         k0 = std::min(limits.depth[s].begin, depth), k1 = std::max(k0, std::min(limits.depth[s].end, depth));
+      if (ahead) ahead->step();
       micro_kernel_block<S, kSkipZeros>(static_cast<int>(std::min<Index>(K::kRows, rows - r)), int(p1 - p0),
                                         a + r * lda + k0, lda, panel + k0 * ldb + p0 * K::kPacket, ldb, k1 - k0,
                                         c + r * ldc + col + p0 * K::kPacket, ldc, beta ? beta + r : nullptr);
     }
   }
+}
+
+/// The number of micro-kernel calls of a tile_product of rows x cols (without strip limits): the steps over which a
+/// Lookahead can be paced.
+template <class S>
+constexpr Index tile_steps(Index rows, Index cols) {
+  using K = KernelShape<S>;
+  return (rows + K::kRows - 1) / K::kRows * ((cols + K::kCols - 1) / K::kCols);
 }
 
 /// Transposes a block of kPacket x kPacket in registers. Eigen's ptranspose, except for AVX-512 floats, where its

@@ -169,9 +169,9 @@ TYPED_TEST(SdpaTest, FewQueriesOverManyKeysSplitAcrossKeyChunks) {
   this->check(n, m, 8, 8, causal, NaiveExtras{&bias_d, &mask, {}, {}}, bias, mask);
 }
 
-// Decoding shapes (at most a micro-kernel's rows of queries) read the key rows in place for their scores (AVX-512
-// floats): odd head dimensions (masked tails), key blocks ending mid-packet, one key tile or split-K, causal, and keys
-// in a block of a wider matrix (row stride != d).
+// Decoding shapes (at most a micro-kernel's rows of queries) read the key rows in place for their scores (fold_sums
+// for AVX-512 floats, a register transpose for every other packet): odd head dimensions (tails past the packets), key
+// blocks ending mid-packet, one key tile or split-K, causal, and keys in a block of a wider matrix (row stride != d).
 TYPED_TEST(SdpaTest, DecodingShapesOnOddHeadDimensionsAndStridedKeys) {
   using S = TypeParam;
   AttentionOptions causal;

@@ -275,22 +275,18 @@ inline __m512 fold_sums(const __m512 (&a)[16]) {
 }
 #endif
 
-/// Whether short_query_scores serves this call: float AVX-512, at most a micro-kernel's rows of queries (decoding),
-/// keys with contiguous rows. It depends on the call's shape only, so results never depend on the thread count.
+/// Whether short_query_scores serves this call: at most a micro-kernel's rows of queries (decoding), keys with
+/// contiguous rows. It depends on the call's shape only, so results never depend on the thread count.
 template <class S>
 bool use_short_query_scores(Index n, const StridedView<S>& k) {
-#if defined(EIGEN_VECTORIZE_AVX512)
-  return std::is_same_v<S, float> && n <= KernelShape<S>::kRows && k.row_contiguous();
-#else
-  (void)n, (void)k;
-  return false;
-#endif
+  return n <= KernelShape<S>::kRows && k.row_contiguous();
 }
 
-/// s[r * lds + c] = q_r . k_{j0 + c} for r < rows, c < cols (up to round_up(cols, 16), the rest 0): the score tile of a
-/// few queries (a decoding step) read straight from the key rows, without packing K^T. Packing a tile costs more than
-/// a few rows' products with it, so decoding spent most of its time there. Each row takes the keys 16 at a time,
-/// one packet of partial products per key, folded by fold_sums. q is rows x d at stride d.
+/// s[r * lds + c] = q_r . k_{j0 + c} for r < rows, c < cols (up to round_up(cols, kPacket), the rest 0): the score
+/// tile of a few queries (a decoding step) read straight from the key rows, without packing K^T. Packing a tile costs
+/// more than a few rows' products with it, so decoding spent most of its time there. Each row takes the keys kPacket
+/// at a time, one packet of partial products per key, folded into one packet of sums: by fold_sums for AVX-512
+/// floats, elsewhere by an in-register transpose and kPacket - 1 adds. q is rows x d at stride d.
 template <class S>
 void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k, Index j0, Index cols, S* s,
                         Index lds) {
@@ -321,7 +317,38 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
     return;
   }
 #endif
-  (void)q, (void)d, (void)rows, (void)k, (void)j0, (void)cols, (void)s, (void)lds;
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr int P = KernelShape<S>::kPacket;
+  const Index whole = d / P * P;
+  for (Index c = 0; c < cols; c += P) {
+    const Index keys = std::min<Index>(P, cols - c);
+    const S* kr[P];
+    for (Index j = 0; j < P; ++j) kr[j] = k.row(j0 + c + std::min(j, keys - 1));
+    for (Index r = 0; r < rows; ++r) {
+      const S* qr = q + r * d;
+      PacketBlock<Packet, P> acc;
+      for (int j = 0; j < P; ++j) acc.packet[j] = pset1<Packet>(S(0));
+      for (Index p = 0; p < whole; p += P) {
+        const Packet qv = ploadu<Packet>(qr + p);
+        for (int j = 0; j < P; ++j) acc.packet[j] = pmadd(qv, ploadu<Packet>(kr[j] + p), acc.packet[j]);
+      }
+      transpose_block(acc);  // packet t holds lane t of every key's partial products: their sum is the dot products
+      Packet sums = acc.packet[0];
+      for (int t = 1; t < P; ++t) sums = padd(sums, acc.packet[t]);
+      if (whole == d && keys == P) {
+        pstoreu(s + r * lds + c, sums);
+        continue;
+      }
+      S dots[P];
+      pstoreu(dots, sums);
+      for (Index j = 0; j < P; ++j) {
+        S rest = S(0);  // the columns past the whole packets
+        for (Index p = whole; p < d; ++p) rest += qr[p] * kr[j][p];
+        s[r * lds + c + j] = j < keys ? dots[j] + rest : S(0);
+      }
+    }
+  }
 }
 
 /// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product

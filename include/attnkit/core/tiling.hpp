@@ -97,8 +97,12 @@ struct AttentionWorkspace {
             plan.rows * cols, plan.rows * dv_pad,           plan.rows};
   }
 
-  AttentionWorkspace& fit(const TilePlan& plan, Index d, Index dv) {
-    const std::array<Index, 6> need = sizes(plan, d, dv);
+  /// Grows the buffers to the plan's needs. A call that reads key rows in place (decoding) leaves the packed-K^T
+  /// buffer as it is, and one that reads value rows in place the packed-V buffer; bytes() bounds every call.
+  AttentionWorkspace& fit(const TilePlan& plan, Index d, Index dv, bool pack_keys = true, bool pack_values = true) {
+    std::array<Index, 6> need = sizes(plan, d, dv);
+    if (!pack_keys) need[1] = 0;
+    if (!pack_values) need[2] = 0;
     Buffer* buffers[] = {&queries, &keys, &values, &scores, &acc, &alpha};
     for (size_t b = 0; b < need.size(); ++b)
       if (buffers[b]->size() < need[b]) buffers[b]->resize(need[b]);
@@ -284,13 +288,13 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     }
   };
   if (workspace) {
-    workspace->fit(plan, d, dv);
+    workspace->fit(plan, d, dv, !short_queries, !values_in_place);
     for (Index t = 0; t < tiles; ++t) run_tile(t, *workspace);
     return;
   }
   const auto make_workspace = [&] {
     AttentionWorkspace<S> ws;
-    ws.fit(plan, d, dv);
+    ws.fit(plan, d, dv, !short_queries, !values_in_place);
     return ws;
   };
   parallel_for(tiles, o.threads, make_workspace, run_tile);

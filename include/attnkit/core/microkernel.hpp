@@ -172,7 +172,7 @@ class Lookahead {
   }
   static void prefetch(const char* p) {
 #if defined(__GNUC__)
-    __builtin_prefetch(p, 0, 2);  // into L2 (and L3): the tile is packed or read once from there
+    __builtin_prefetch(p, 0, 2);  // into L2 (and L3): the next chunk is packed or read once from there
 #else
     (void)p;
 #endif

@@ -176,7 +176,7 @@ TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
 
 // The Lookahead (a prefetch hint, so only its bookkeeping can be checked): paced over `steps` calls it issues every
 // cache line of every queued row exactly once within those calls, for plain, strided, offset and grouped rows; rows
-// that are not contiguous are skipped; clear() forgets the rest.
+// that are not contiguous, or empty, are skipped; clear() forgets the rest.
 TEST(Lookahead, IssuesEveryLineOfTheQueuedRowsWithinThePacedSteps) {
   std::vector<float> buffer(40000);
   const auto lines_of = [](const float* p, Index count) {  // distinct 64-byte lines of [p, p + count)
@@ -193,10 +193,12 @@ TEST(Lookahead, IssuesEveryLineOfTheQueuedRowsWithinThePacedSteps) {
   const StridedView<float> strided{buffer.data() + 3, 100, 17, 53, 1};          // odd widths, rows mid-line
   const StridedView<float> grouped{buffer.data() + 1, 90, 20, 20, 1, 30, 700};  // three groups of 30 rows
   const StridedView<float> column_major{buffer.data(), 50, 40, 1, 50};
+  const StridedView<float> no_columns{nullptr, 30, 0, 0, 1};  // d = 0: nothing to fetch (nor address)
   for (const Index steps : {1, 3, 7, 64, 1000}) {
     Lookahead ahead;
     Index expected = 0;
-    for (const Case& c : {Case{dense, 0, 64}, Case{strided, 5, 71}, Case{grouped, 17, 88}, Case{column_major, 0, 50}}) {
+    for (const Case& c : {Case{dense, 0, 64}, Case{strided, 5, 71}, Case{grouped, 17, 88}, Case{column_major, 0, 50},
+                          Case{no_columns, 0, 30}}) {
       ahead.add(c.view, c.r0, c.r1);
       if (c.view.row_contiguous())
         for (Index i = c.r0; i < c.r1; ++i) expected += lines_of(c.view.row(i), c.view.cols);

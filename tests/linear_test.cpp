@@ -291,6 +291,21 @@ TEST(LinearFloatTest, CausalNanValueNeverReachesEarlierRows) {
   }
 }
 
+// Values with no columns (found by the fuzzer: the next-chunk prefetch addressed the empty value rows from a null
+// pointer, which UBSan reports): every form returns n x 0, and queries still work beside an empty value matrix.
+TEST(LinearFloatTest, ValuesWithoutColumnsGiveAnEmptyOutput) {
+  const Matrix<float> q = random_matrix<float>(70, 6, 1), k = random_matrix<float>(70, 6, 2), v(70, 0);
+  for (const bool causal : {false, true})
+    for (const Index chunk : {Index(0), Index(1), Index(16)}) {
+      LinearOptions o;
+      o.causal = causal, o.chunk = chunk;
+      const Matrix<float> out = linear_attention(q, k, v, EluPlusOne{}, o);
+      EXPECT_EQ(out.rows(), 70);
+      EXPECT_EQ(out.cols(), 0);
+    }
+  EXPECT_EQ(efficient_attention(q, k, v).cols(), 0);
+}
+
 TEST(LinearErrorsTest, BadInputNamesTheArgument) {
   using testing::expect_error;
   const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);

@@ -118,10 +118,10 @@ class Lookahead {
   /// Forgets what is queued.
   void clear() { count_ = current_ = 0, total_lines_ = per_step_ = issued_ = 0; }
 
-  /// Queues rows [r0, r1) of x.
+  /// Queues rows [r0, r1) of x (nothing for empty rows).
   template <class S>
   void add(const StridedView<S>& x, Index r0, Index r1) {
-    if (!x.row_contiguous() || r0 >= r1 || count_ == kMaxRanges) return;
+    if (!x.row_contiguous() || x.data == nullptr || x.cols == 0 || r0 >= r1 || count_ == kMaxRanges) return;
     Range& r = ranges_[count_++];
     r = {reinterpret_cast<const char*>(x.data),
          x.row_stride * Index(sizeof(S)),

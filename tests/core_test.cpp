@@ -2,6 +2,7 @@
 #include <attnkit/core/dense.hpp>
 #include <attnkit/core/mask.hpp>
 #include <attnkit/core/softmax.hpp>
+#include <attnkit/core/stores.hpp>
 #include <attnkit/core/threading.hpp>
 #include <attnkit/core/tiling.hpp>
 
@@ -217,6 +218,41 @@ TEST(Lookahead, IssuesEveryLineOfTheQueuedRowsWithinThePacedSteps) {
   empty.pace(4);
   empty.step();
   EXPECT_EQ(empty.issued(), 0);
+}
+
+// store_scaled writes exactly src * scale, streaming or not (the streaming path only changes how the aligned middle
+// of the row reaches memory): every count up to a few packets, every start offset within a line, nothing outside.
+template <class S>
+void check_store_scaled() {
+  std::vector<S> src(80), dst(120);
+  for (size_t i = 0; i < src.size(); ++i) src[i] = S(0.37) * S(i) - S(7.1);
+  const S scale = S(1) / S(3);
+  for (const bool streaming : {false, true})
+    for (Index offset = 0; offset < 18; ++offset)
+      for (Index count = 0; count <= 70; ++count) {
+        std::fill(dst.begin(), dst.end(), S(-99));
+        store_scaled(src.data(), scale, count, dst.data() + offset, streaming);
+        stream_fence();
+        for (Index i = 0; i < Index(dst.size()); ++i) {
+          const S want = i >= offset && i < offset + count ? src[size_t(i - offset)] * scale : S(-99);
+          ASSERT_EQ(dst[size_t(i)], want) << "streaming " << streaming << " offset " << offset << " count " << count
+                                          << " at " << i;
+        }
+      }
+}
+
+TEST(StoreScaled, WritesExactlyTheScaledRowAtAnyOffsetStreamingOrNot) {
+  check_store_scaled<float>();
+  check_store_scaled<double>();
+}
+
+TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheLastLevelCache) {
+  const Index llc = last_level_cache_bytes();
+  EXPECT_GE(llc, Index(64) << 10);  // a real cache size, read once
+  EXPECT_EQ(llc, last_level_cache_bytes());
+  EXPECT_TRUE(streams_past_cache(llc + 1, llc / 8 + 1));
+  EXPECT_FALSE(streams_past_cache(llc, llc / 2));        // fits in the cache
+  EXPECT_FALSE(streams_past_cache(4 * llc, llc / 8));    // a small output (a decoding step's partial rows)
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

@@ -153,6 +153,53 @@ TYPED_TEST(LinearTest, EfficientAttentionRowsSumToOneAndMatchTheFormula) {
   EXPECT_TRUE(all_close(efficient_attention(q, k, ones), MatD::Ones(n, 1), tol));
 }
 
+// Efficient Attention keeps running column maxima and rescales its state when they rise: keys whose columns grow
+// from chunk to chunk (past 50, where exp without the max overflows a float) give the formula for chunks of 1, 5, the
+// default and more than m; a column whose first keys are -inf gives them no weight.
+TYPED_TEST(LinearTest, EfficientAttentionRescalesAsColumnMaximaRiseAcrossChunks) {
+  using S = TypeParam;
+  const Index n = 23, m = 97, d = 5, dv = 3;
+  const Matrix<S> q = random_matrix<S>(n, d, 4, 2.0), v = random_matrix<S>(m, dv, 6);
+  Matrix<S> k = random_matrix<S>(m, d, 5);
+  for (Index j = 0; j < m; ++j) k.row(j) *= S(1 + 0.6 * double(j));
+  for (Index j = 0; j < 3; ++j) k(j, 1) = -std::numeric_limits<S>::infinity();
+  const MatD qd = q.template cast<double>(), kd = k.template cast<double>(), vd = v.template cast<double>();
+  MatD pq = qd, pk = kd;
+  for (Index i = 0; i < n; ++i)
+    pq.row(i) = (qd.row(i).array() - qd.row(i).maxCoeff()).exp(), pq.row(i) /= pq.row(i).sum();
+  for (Index c = 0; c < d; ++c)
+    pk.col(c) = (kd.col(c).array() - kd.col(c).maxCoeff()).exp(), pk.col(c) /= pk.col(c).sum();
+  const MatD expected = pq * pk.transpose() * vd;
+  ASSERT_TRUE(expected.allFinite());
+  for (const Index chunk : {1, 5, 0, 200}) {
+    LinearOptions o;
+    o.chunk = chunk;
+    const Matrix<S> out = efficient_attention(q, k, v, o);
+    EXPECT_TRUE(all_close(out, expected, attention_tolerance<S>(m) * 4)) << "chunk " << chunk;
+  }
+}
+
+// Calls larger than the last-level cache write their output past the caches (streaming stores): its rows equal, bit
+// for bit, those of calls small enough to write through the caches, a slice of the queries (non-causal, Efficient
+// Attention) and the recurrent state (causal).
+TEST(LinearFloatTest, OutputWrittenPastTheCachesEqualsTheCachedPath) {
+  using S = float;
+  const Index d = 8, dv = 8;
+  const Index n = detail::last_level_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;  // inputs + output
+  ASSERT_TRUE(detail::streams_past_cache(2 * n * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(n, d, 2), v = random_matrix<S>(n, dv, 3);
+  const Index s0 = n / 3, rows = 301;
+  const Matrix<S> full = linear_attention(q, k, v, EluPlusOne{});
+  EXPECT_TRUE(full.middleRows(s0, rows) == linear_attention(q.middleRows(s0, rows), k, v, EluPlusOne{}));
+  const Matrix<S> efficient = efficient_attention(q, k, v);
+  EXPECT_TRUE(efficient.middleRows(s0, rows) == efficient_attention(q.middleRows(s0, rows), k, v));
+  LinearOptions causal;
+  causal.causal = true;
+  LinearAttentionState<S, EluPlusOne> state(EluPlusOne{}, d, dv);
+  EXPECT_TRUE(linear_attention(q, k, v, EluPlusOne{}, causal) == state.step(q, k, v));
+  EXPECT_TRUE(full.allFinite() && efficient.allFinite());
+}
+
 TEST(LinearRankTest, RankOfTheImpliedAttentionIsAtMostR) {
   const Index n = 60, d = 4;  // r = d for elu+1, d + 1 for Taylor: far below n
   const MatD q = random_matrix<double>(n, d, 1), k = random_matrix<double>(n, d, 2);

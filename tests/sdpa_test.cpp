@@ -376,6 +376,26 @@ TYPED_TEST(SdpaTest, TileSizesDoNotChangeTheResultBeyondRounding) {
 
 using testing::expect_error;
 
+// A call larger than the last-level cache writes its output past the caches (streaming stores): its rows equal, bit
+// for bit, those of a call on a slice of the queries, small enough to write through the caches (a row's result does
+// not depend on its query tile). Odd head sizes leave rows that start mid-packet.
+TEST(SdpaFloat, OutputWrittenPastTheCachesEqualsTheCachedPath) {
+  using S = float;
+  for (const auto& [d, dv] : {std::pair<Index, Index>{8, 16}, {5, 7}}) {
+    const Index m = 40;
+    const Index n = detail::last_level_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 5 / 4;
+    ASSERT_TRUE(detail::streams_past_cache((n + m) * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
+    const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
+    const Matrix<S> full = scaled_dot_product_attention(q, k, v);
+    for (const Index s0 : {Index(0), n / 2 + 3, n - 77}) {
+      const Index rows = std::min<Index>(77, n - s0);
+      EXPECT_TRUE(full.middleRows(s0, rows) == scaled_dot_product_attention(q.middleRows(s0, rows), k, v))
+          << "d " << d << " d_v " << dv << " rows from " << s0;
+    }
+    EXPECT_TRUE(full.allFinite());
+  }
+}
+
 TEST(SdpaErrors, BadInputsThrowErrorsNamingArgumentAndShapes) {
   const Matrix<float> q = Matrix<float>::Ones(4, 8), k = Matrix<float>::Ones(6, 8), v = Matrix<float>::Ones(6, 5);
   const Matrix<float> k_bad = Matrix<float>::Ones(6, 7), v_bad = Matrix<float>::Ones(5, 5);

@@ -39,6 +39,7 @@
 #include "core/microkernel.hpp"
 #include "core/options.hpp"
 #include "core/random.hpp"
+#include "core/stores.hpp"
 #include "core/threading.hpp"
 #include "core/types.hpp"
 #include "core/view.hpp"
@@ -259,9 +260,10 @@ struct LinearScratch {
   Lookahead ahead;
 };
 
-/// Shapes shared by the passes of one call.
+/// Shapes shared by the passes of one call, and how it writes its output (streaming: past the caches).
 struct LinearShape {
   Index d, dv, r, r_pad, dv_pad;
+  bool stream_out = false;
 };
 
 template <class S, class Map>
@@ -340,10 +342,10 @@ void absorb_keys(const LinearShape& sh, LinearScratch<S>& w, LinearState<S>& sta
 /// out rows = num / den row by row, den = phi . z (+ extra) + eps. A row whose denominator is <= 0 has no weight
 /// and is zero; a NaN denominator stays NaN.
 template <class S>
-void write_normalised(const Matrix<S>& num, const Vector<S>& den, Index dv, S* out, Index out_stride) {
+void write_normalised(const Matrix<S>& num, const Vector<S>& den, Index dv, S* out, Index out_stride, bool streaming) {
   for (Index i = 0; i < num.rows(); ++i) {
     const S inv = den[i] > S(0) ? S(1) / den[i] : den[i] <= S(0) ? S(0) : den[i];
-    for (Index c = 0; c < dv; ++c) out[i * out_stride + c] = num(i, c) * inv;
+    store_scaled(num.data() + i * num.cols(), inv, dv, out + i * out_stride, streaming);
   }
 }
 
@@ -415,7 +417,7 @@ void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows,
   }
   if constexpr (!NonNegativeFeatures<Map>::value) drop_rounding_level_rows(sh, state, with_chunk_keys, w, c);
   den.array() += eps;
-  write_normalised(w.num, den, sh.dv, out, out_stride);
+  write_normalised(w.num, den, sh.dv, out, out_stride, sh.stream_out);
 }
 
 /// Causal linear attention of rows [0, n) continuing `state` (keys before row 0), chunk by chunk: the masked quadratic
@@ -446,11 +448,32 @@ inline Index linear_chunk(const LinearOptions& o) { return o.chunk > 0 ? o.chunk
 /// Keys are split into a fixed number of parts, whatever the thread count, and their states summed in order.
 constexpr Index kLinearKeyParts = 8;
 
+/// The non-causal query pass: chunks of c rows, body(i0, rows, scratch) for each, in runs of consecutive chunks (a few
+/// per worker, so each fetches its next chunk ahead: the scratch's Lookahead has it queued when body runs).
+template <class S, class Body>
+void query_runs(const LinearShape& sh, const StridedView<S>& q, Index c, int threads, const Body& body) {
+  const Index n = q.rows, chunks = (n + c - 1) / c;
+  const Index run = std::clamp<Index>(chunks / (4 * resolve_threads(threads)), 1, 16), runs = (chunks + run - 1) / run;
+  parallel_for(
+      runs, threads, [] { return LinearScratch<S>(); },
+      [&](Index g, LinearScratch<S>& w) {
+        const Index end = std::min(chunks, (g + 1) * run);
+        for (Index t = g * run; t < end; ++t) {
+          const Index rows = std::min(c, n - t * c);
+          look_ahead(w, {q}, t + 1 < end ? (t + 1) * c : n, c, chunk_steps<S>(sh, rows, false, true, false));
+          body(t * c, rows, w);
+        }
+        if (sh.stream_out) stream_fence();
+      });
+}
+
 template <class S, class Map>
 void linear_into(const char* where, const Map& map, const StridedView<S>& q, const StridedView<S>& k,
                  const StridedView<S>& v, const LinearOptions& o, S* out, Index out_stride) {
   const Index n = q.rows, m = k.rows;
-  const LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
+  LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
+  sh.stream_out = streams_past_cache(Index(sizeof(S)) * ((n + m) * q.cols + (n + m) * v.cols),
+                                     Index(sizeof(S)) * n * v.cols);
   if (sh.r < 1) fail(where, "the feature map gives r = ", sh.r, " features; it must give at least 1");
   const Index c = linear_chunk(o);
   const S eps = static_cast<S>(o.eps);
@@ -459,6 +482,7 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
     state.reset(sh.r_pad, sh.dv_pad);
     LinearScratch<S> w;
     causal_chunks(map, q, k, v, sh, c, eps, state, w, out, out_stride);
+    if (sh.stream_out) stream_fence();
     return;
   }
   // Non-causal: the keys' state in kLinearKeyParts fixed parts (in parallel), summed in order; then the queries.
@@ -479,20 +503,9 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
       });
   LinearState<S> total = partial[0];
   for (Index p = 1; p < parts; ++p) total.add(partial[size_t(p)]);
-  // The queries, in runs of consecutive chunks (a few per worker, so each fetches its next chunk ahead).
-  const Index q_chunks = (n + c - 1) / c;
-  const Index run = std::clamp<Index>(q_chunks / (4 * resolve_threads(o.threads)), 1, 16),
-              runs = (q_chunks + run - 1) / run;
-  parallel_for(
-      runs, o.threads, [] { return LinearScratch<S>(); },
-      [&](Index g, LinearScratch<S>& w) {
-        const Index end = std::min(q_chunks, (g + 1) * run);
-        for (Index t = g * run; t < end; ++t) {
-          const Index rows = std::min(c, n - t * c);
-          look_ahead(w, {q}, t + 1 < end ? (t + 1) * c : n, c, chunk_steps<S>(sh, rows, false, true, false));
-          chunk_output(map, q, t * c, rows, sh, total, false, c, eps, w, out + t * c * out_stride, out_stride);
-        }
-      });
+  query_runs(sh, q, c, o.threads, [&](Index i0, Index rows, LinearScratch<S>& w) {
+    chunk_output(map, q, i0, rows, sh, total, false, c, eps, w, out + i0 * out_stride, out_stride);
+  });
 }
 
 template <class DQ, class DK, class DV>
@@ -639,7 +652,8 @@ class LinearAttentionState {
 
 namespace detail {
 
-/// Efficient Attention's key features: exp(k - column max), the column max taken over all keys first.
+/// Efficient Attention's key features: exp(k - shift), the shift being the running column max (0 until a column has
+/// a finite key).
 template <class S>
 struct ColumnExp {
   static constexpr bool kNonNegative = true;
@@ -654,6 +668,36 @@ struct ColumnExp {
 };
 
 /// Efficient Attention's query features: softmax over d of each row.
+struct RowSoftmax;
+
+/// Raises Efficient Attention's running column maxima over keys [j0, j0 + rows), and rescales the state's rows whose
+/// maximum rose (row t of S and z_t by exp(old - new)): the state always holds sum_j exp(k_j - max) v_j^T over the
+/// keys so far, in one pass over the keys. `shift` is what ColumnExp subtracts: the max, or 0 while it is -inf (a
+/// column with no finite key yet, whose features are then 0, not NaN).
+template <class S>
+void raise_column_max(const StridedView<S>& k, Index j0, Index rows, Vector<S>& col_max, Vector<S>& shift,
+                      Vector<S>& chunk, LinearState<S>& state) {
+  using Row = Eigen::Array<S, 1, Eigen::Dynamic>;
+  const Index d = k.cols;
+  chunk.setConstant(d, -std::numeric_limits<S>::infinity());
+  for (Index j = j0; j < j0 + rows; ++j) {
+    if (k.row_contiguous())
+      chunk.array() = chunk.array().max(Eigen::Map<const Row>(k.row(j), d).transpose());
+    else
+      for (Index t = 0; t < d; ++t) chunk[t] = std::max(chunk[t], k(j, t));
+  }
+  for (Index t = 0; t < d; ++t) {
+    if (!(chunk[t] > col_max[t])) continue;
+    if (col_max[t] > -std::numeric_limits<S>::infinity()) {
+      const S factor = std::exp(shift[t] - chunk[t]);
+      state.s.row(t) *= factor;
+      state.z[t] *= factor;
+    }
+    col_max[t] = chunk[t];
+    shift[t] = chunk[t];
+  }
+}
+
 struct RowSoftmax {
   Index features(Index d) const { return d; }
   template <class S>
@@ -685,37 +729,37 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
   const Index n = q.rows(), m = k.rows(), d = q.cols(), c = detail::linear_chunk(options);
-  Vector<S> col_max = Vector<S>::Constant(d, -std::numeric_limits<S>::infinity());
-  for (Index j = 0; j < m; ++j)
-    for (Index t = 0; t < d; ++t) col_max[t] = std::max(col_max[t], kv.view()(j, t));
-  const detail::ColumnExp<S> keys{col_max.data()};
-  const detail::LinearShape sh = detail::linear_shape<S>(keys, d, v.cols());
+  Vector<S> col_max = Vector<S>::Constant(d, -std::numeric_limits<S>::infinity()), shift = Vector<S>::Zero(d),
+            chunk_max(d);
+  const detail::ColumnExp<S> keys{shift.data()};
+  detail::LinearShape sh = detail::linear_shape<S>(keys, d, v.cols());
+  sh.stream_out = detail::streams_past_cache(Index(sizeof(S)) * ((n + m) * d + (n + m) * v.cols()),
+                                             Index(sizeof(S)) * n * v.cols());
   detail::LinearState<S> state;  // S = exp(K - max)^T V, z = column sums; then row l of S divided by z_l
   state.reset(sh.r_pad, sh.dv_pad);
   detail::LinearScratch<S> w;
   for (Index j0 = 0; j0 < m; j0 += c) {
-    detail::look_ahead(w, {kv.view(), vv.view()}, j0 + c, c,
-                       detail::chunk_steps<S>(sh, std::min(c, m - j0), true, false, false));
-    detail::prepare_keys(keys, kv.view(), vv.view(), j0, std::min(c, m - j0), sh, w);
+    const Index rows = std::min(c, m - j0);
+    detail::look_ahead(w, {kv.view(), vv.view()}, j0 + c, c, detail::chunk_steps<S>(sh, rows, true, false, false));
+    detail::raise_column_max(kv.view(), j0, rows, col_max, shift, chunk_max, state);
+    detail::prepare_keys(keys, kv.view(), vv.view(), j0, rows, sh, w);
     detail::absorb_keys<detail::ColumnExp<S>>(sh, w, state);
   }
   for (Index t = 0; t < d; ++t)
     if (state.z[t] > S(0)) state.s.row(t) /= state.z[t];
-  detail::parallel_for((n + c - 1) / c, options.threads, [] { return detail::LinearScratch<S>(); },
-                       [&](Index t, detail::LinearScratch<S>& scratch) {
-                         const Index i0 = t * c, rows = std::min(c, n - i0);
-                         detail::chunk_features(detail::RowSoftmax{}, qv.view(), i0, rows, FeatureRole::kQuery, sh,
-                                                scratch.x, scratch.phi);
-                         scratch.num.resize(rows, sh.dv_pad);
-                         detail::small_gemm(scratch.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad,
-                                            sh.dv_pad, scratch.num.data(), sh.dv_pad, false);
-                         for (Index i = 0; i < rows; ++i)
-                           for (Index col = 0; col < v.cols(); ++col) out(i0 + i, col) = scratch.num(i, col);
-                       });
+  detail::query_runs(sh, qv.view(), c, options.threads, [&](Index i0, Index rows, detail::LinearScratch<S>& w) {
+    detail::chunk_features(detail::RowSoftmax{}, qv.view(), i0, rows, FeatureRole::kQuery, sh, w.x, w.phi, &w.ahead);
+    w.num.resize(rows, sh.dv_pad);
+    detail::small_gemm(w.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad, sh.dv_pad, w.num.data(),
+                       sh.dv_pad, false, &w.ahead);
+    for (Index i = 0; i < rows; ++i)
+      detail::store_scaled(w.num.data() + i * sh.dv_pad, S(1), v.cols(), out.data() + (i0 + i) * out.outerStride(),
+                           sh.stream_out);
+  });
 }
 
 /// \brief An upper bound on the heap of one efficient_attention call with a caller-provided `out`: the d x d_v state,
-/// the column maxima, the keys' chunk scratch and one query chunk's scratch per worker thread (chunks of
+/// the running column maxima, the keys' chunk scratch and one query chunk's scratch per worker thread (chunks of
 /// options.chunk rows). Independent of n and m.
 template <class S>
 Index efficient_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const LinearOptions& options = {}) {
@@ -733,7 +777,7 @@ Index efficient_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, 
                      heap_bytes<S>(r_pad * detail::round_up(ck, packet)) + heap_bytes<S>(ck * dv_pad);
   const Index queries = heap_bytes<S>(cq * d) + heap_bytes<S>(cq * r_pad) + heap_bytes<S>(cq * dv_pad);
   const Index workers = std::max<Index>(1, std::min<Index>(detail::resolve_threads(options.threads), (n + c - 1) / c));
-  return heap_bytes<S>(d) + state + keys + workers * queries;
+  return 3 * heap_bytes<S>(d) + state + keys + workers * queries;  // the running column maxima, shifts, chunk's maxima
 }
 
 /// \brief As above, returning the n x d_v output.

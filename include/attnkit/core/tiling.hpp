@@ -15,6 +15,7 @@
 #include "microkernel.hpp"
 #include "options.hpp"
 #include "softmax.hpp"
+#include "stores.hpp"
 #include "threading.hpp"
 #include "types.hpp"
 #include "view.hpp"
@@ -193,6 +194,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const Index tiles = (n + plan.rows - 1) / plan.rows;
   const bool values_in_place = v.row_contiguous() && v.group_rows == 0 && dv % K::kPacket == 0;
   const bool short_queries = use_short_query_scores(n, k);
+  const bool stream_out = streams_past_cache(Index(sizeof(S)) * ((n + m) * d + (n + m) * dv), Index(sizeof(S)) * n * dv);
 
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
     const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
@@ -283,9 +285,10 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       const S inv = weights.finish(i0 + r, ws.stats[r]);
       const S* a = ws.acc.data() + r * dv_pad;
       S* dst = out.row(i0 + r);
-      for (Index c = 0; c < dv; ++c) dst[c] = a[c] * inv;
+      store_scaled(a, inv, dv, dst, stream_out);
       if (out.lse) out.lse[(i0 + r) * out.lse_stride] = ws.stats[r].log_sum_exp();
     }
+    if (stream_out) stream_fence();
   };
   if (workspace) {
     workspace->fit(plan, d, dv, !short_queries, !values_in_place);

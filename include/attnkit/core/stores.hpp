@@ -1,0 +1,128 @@
+// attnkit: writing results past the caches. A call whose inputs and output together are larger than the last-level
+// cache has evicted its first output rows before it returns, so writing them with non-temporal (streaming) stores
+// loses nothing, and saves the read an ordinary store makes of each line before it overwrites it: a quarter of the
+// memory traffic of linear attention, which reads q, k and v once and writes the output once.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+#include "types.hpp"
+
+namespace attnkit::detail {
+
+/// Bytes of the last-level cache one core reaches: Linux's sysfs description of cpu0's highest cache level, else the C
+/// library's L3 (else L2) size, else 8 MiB. Read once. (sysfs first: glibc reports the L3 of all of an EPYC's
+/// core complexes together, 384 MiB where one core reaches 32.)
+inline Index last_level_cache_bytes() {
+  static const Index bytes = [] {
+    Index best_level = 0, best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+      std::ifstream level_file(dir + "level"), size_file(dir + "size");
+      Index level = 0, size = 0;
+      std::string unit;
+      if (!(level_file >> level) || !(size_file >> size)) continue;
+      size_file >> unit;
+      size *= unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+      if (level > best_level) best_level = level, best = size;
+    }
+    if (best > 0) return best;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) return Index(l3);
+#endif
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 > 0) return Index(l2);
+#endif
+    return Index(8) << 20;
+  }();
+  return bytes;
+}
+
+/// Whether a call that reads and writes `bytes` in all (inputs and output), `out_bytes` of them its output, should
+/// write the output with streaming stores: when the bytes cannot all stay in the last-level cache, and the output is
+/// large enough to matter (an eighth of that cache; a few rows, such as a decoding step's partial results that are
+/// merged right away, stay in the caches).
+inline bool streams_past_cache(Index bytes, Index out_bytes) {
+  const Index llc = last_level_cache_bytes();
+  return bytes > llc && out_bytes > llc / 8;
+}
+
+/// Streaming stores of one packet to a packet-aligned address, where the CPU has them (x86: SSE2, AVX, AVX-512).
+template <class S>
+struct StreamingStore {
+  static constexpr bool kAvailable = false;
+};
+#if defined(EIGEN_VECTORIZE_AVX512)
+template <>
+struct StreamingStore<float> {
+  static constexpr bool kAvailable = true;
+  static void store(float* p, const Eigen::internal::Packet16f& x) { _mm512_stream_ps(p, x); }
+};
+template <>
+struct StreamingStore<double> {
+  static constexpr bool kAvailable = true;
+  static void store(double* p, const Eigen::internal::Packet8d& x) { _mm512_stream_pd(p, x); }
+};
+#elif defined(EIGEN_VECTORIZE_AVX)
+template <>
+struct StreamingStore<float> {
+  static constexpr bool kAvailable = true;
+  static void store(float* p, const Eigen::internal::Packet8f& x) { _mm256_stream_ps(p, x); }
+};
+template <>
+struct StreamingStore<double> {
+  static constexpr bool kAvailable = true;
+  static void store(double* p, const Eigen::internal::Packet4d& x) { _mm256_stream_pd(p, x); }
+};
+#elif defined(EIGEN_VECTORIZE_SSE2)
+template <>
+struct StreamingStore<float> {
+  static constexpr bool kAvailable = true;
+  static void store(float* p, const Eigen::internal::Packet4f& x) { _mm_stream_ps(p, x); }
+};
+template <>
+struct StreamingStore<double> {
+  static constexpr bool kAvailable = true;
+  static void store(double* p, const Eigen::internal::Packet2d& x) { _mm_stream_pd(p, x); }
+};
+#endif
+
+/// dst[c] = src[c] * scale for c < count. With `streaming` (and the CPU's streaming stores), the packet-aligned part
+/// of dst is written past the caches; a thread that streamed must call stream_fence() before its results are read
+/// by another thread.
+template <class S>
+void store_scaled(const S* src, S scale, Index count, S* dst, bool streaming) {
+  Index c = 0;
+  if constexpr (StreamingStore<S>::kAvailable) {
+    if (streaming) {
+      using P = typename Eigen::internal::packet_traits<S>::type;
+      constexpr Index kPacket = Eigen::internal::packet_traits<S>::size;
+      constexpr std::uintptr_t kAlign = kPacket * sizeof(S);
+      for (; c < count && reinterpret_cast<std::uintptr_t>(dst + c) % kAlign != 0; ++c) dst[c] = src[c] * scale;
+      const P s = Eigen::internal::pset1<P>(scale);
+      for (; c + kPacket <= count; c += kPacket)
+        StreamingStore<S>::store(dst + c, Eigen::internal::pmul(Eigen::internal::ploadu<P>(src + c), s));
+    }
+  }
+  for (; c < count; ++c) dst[c] = src[c] * scale;
+}
+
+/// Orders this thread's streaming stores before its later stores (and so before the end of a parallel region).
+inline void stream_fence() {
+#if defined(__SSE2__) || defined(_M_X64)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace attnkit::detail

@@ -235,8 +235,8 @@ void check_store_scaled() {
         stream_fence();
         for (Index i = 0; i < Index(dst.size()); ++i) {
           const S want = i >= offset && i < offset + count ? src[size_t(i - offset)] * scale : S(-99);
-          ASSERT_EQ(dst[size_t(i)], want) << "streaming " << streaming << " offset " << offset << " count " << count
-                                          << " at " << i;
+          ASSERT_EQ(dst[size_t(i)], want)
+              << "streaming " << streaming << " offset " << offset << " count " << count << " at " << i;
         }
       }
 }
@@ -251,8 +251,8 @@ TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheLastLevelCache) {
   EXPECT_GE(llc, Index(64) << 10);  // a real cache size, read once
   EXPECT_EQ(llc, last_level_cache_bytes());
   EXPECT_TRUE(streams_past_cache(llc + 1, llc / 8 + 1));
-  EXPECT_FALSE(streams_past_cache(llc, llc / 2));        // fits in the cache
-  EXPECT_FALSE(streams_past_cache(4 * llc, llc / 8));    // a small output (a decoding step's partial rows)
+  EXPECT_FALSE(streams_past_cache(llc, llc / 2));      // fits in the cache
+  EXPECT_FALSE(streams_past_cache(4 * llc, llc / 8));  // a small output (a decoding step's partial rows)
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

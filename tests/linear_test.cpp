@@ -302,7 +302,8 @@ TEST(LinearFloatTest, TaylorQueryOppositeToEveryKeyGetsNoWeightNotNoise) {
   // A query only partly opposite keeps its (well-conditioned) weights: the guard changes nothing there.
   Matrix<float> mixed = k;
   mixed.row(3).setConstant(8.f);
-  const MatD want = quadratic(Features(taylor), testing::as_double(q), testing::as_double(mixed), testing::as_double(v), false, 1e-6);
+  const MatD want =
+      quadratic(Features(taylor), testing::as_double(q), testing::as_double(mixed), testing::as_double(v), false, 1e-6);
   EXPECT_TRUE(all_close(linear_attention(q, mixed, v, Taylor{}), want, 8e-5));  // 1e-5 of |v| <= 8
 }
 
@@ -313,7 +314,8 @@ TEST(LinearFloatTest, NanFeaturesGiveNanRowsNotZeros) {
   for (const bool causal : {false, true}) {
     LinearOptions o;
     o.causal = causal;
-    for (const Matrix<float>& out : {linear_attention(q, k, v, EluPlusOne{}, o), linear_attention(q, k, v, Taylor{}, o)}) {
+    for (const Matrix<float>& out :
+         {linear_attention(q, k, v, EluPlusOne{}, o), linear_attention(q, k, v, Taylor{}, o)}) {
       EXPECT_TRUE(out.row(5).array().isNaN().all()) << "causal " << causal;
       EXPECT_TRUE(out.row(4).array().isFinite().all());
     }

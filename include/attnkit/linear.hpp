@@ -472,8 +472,8 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
                  const StridedView<S>& v, const LinearOptions& o, S* out, Index out_stride) {
   const Index n = q.rows, m = k.rows;
   LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
-  sh.stream_out = streams_past_cache(Index(sizeof(S)) * ((n + m) * q.cols + (n + m) * v.cols),
-                                     Index(sizeof(S)) * n * v.cols);
+  sh.stream_out =
+      streams_past_cache(Index(sizeof(S)) * ((n + m) * q.cols + (n + m) * v.cols), Index(sizeof(S)) * n * v.cols);
   if (sh.r < 1) fail(where, "the feature map gives r = ", sh.r, " features; it must give at least 1");
   const Index c = linear_chunk(o);
   const S eps = static_cast<S>(o.eps);

@@ -200,17 +200,21 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const bool from_memory =
       streams_past_cache(Index(sizeof(S)) * ((n + m) * d + (n + m) * dv), Index(sizeof(S)) * n * dv);
 
-  // Queues the rows the loop reads next, to be fetched a few lines per micro-kernel call of the current key tile
-  // (cols keys): the next key tile's keys and values, or after the last one the next query tile's queries and the
-  // keys it reaches beyond this tile's key_end (for a banded mask, the only new keys). The next tile's key range is
-  // taken from its first and last rows, which is exact for bands and only a hint otherwise.
-  const auto fetch_next = [&](const KeyRange* next_keys, Index n0, Index rows, Index key_end, Index cols,
-                              AttentionWorkspace<S>& ws) {
+  // Queues the rows the loop reads next and has not read lately, to be fetched a few lines per micro-kernel call of
+  // the current key tile (cols keys): the next key tile's keys and values from seen_end on (the keys before it were
+  // read by the previous query tile), or after the last key tile the next query tile's queries and the keys it reaches
+  // beyond this tile's key_end. For a band those are exactly the new rows; for dense attention, only the queries.
+  // Key ranges are taken from a tile's last (and first) rows: exact for bands, only a hint otherwise.
+  const auto fetch_next = [&](const KeyRange* next_keys, Index n0, Index rows, Index seen_end, Index key_end,
+                              Index cols, AttentionWorkspace<S>& ws) {
     ws.ahead.clear();
     if (short_queries || !from_memory) return;  // decoding: its short products leave no time to hide loads behind
     if (next_keys) {
-      ws.ahead.add(k, next_keys->begin, next_keys->end);
-      if (values_in_place) ws.ahead.add(v, next_keys->begin, next_keys->end);
+      const Index from = std::max(next_keys->begin, seen_end);
+      if (from < next_keys->end) {
+        ws.ahead.add(k, from, next_keys->end);
+        if (values_in_place) ws.ahead.add(v, from, next_keys->end);
+      }
     } else if (n0 < n) {
       const Index next_rows = std::min(plan.rows, n - n0);
       KeyRange next{m, 0};
@@ -221,7 +225,10 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       ws.ahead.add(q, n0, n0 + next_rows);
       if (std::max(next.begin, key_end) < next.end) ws.ahead.add(k, std::max(next.begin, key_end), next.end);
     }
-    ws.ahead.pace(tile_steps<S>(rows, round_up(cols, K::kPacket)) / 2 + tile_steps<S>(rows, dv_pad));
+    // Paced at the rate of the larger of the two key tiles: a short tile (a global column block before a band) leaves
+    // part of a long next tile to ordinary loads rather than fetching it in a burst.
+    const Index span = next_keys ? std::max(cols, next_keys->size()) : cols;
+    ws.ahead.pace(tile_steps<S>(rows, round_up(span, K::kPacket)) / 2 + tile_steps<S>(rows, dv_pad));
   };
 
   auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
@@ -306,13 +313,15 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     };
     ws.spans.clear();
     if (key_begin < key_end) mask.key_spans(i0, rows, KeyRange{key_begin, key_end}, ws.spans);
+    const KeyRange before = i0 > 0 ? intersect(mask.row_range(i0 - 1), keys) : KeyRange{0, 0};
+    const Index seen_end = before.empty() ? 0 : before.end;
     for (size_t s = 0; s < ws.spans.size(); ++s)
       for (Index j0 = ws.spans[s].begin; j0 < ws.spans[s].end; j0 += plan.cols) {
         const Index cols = std::min(plan.cols, ws.spans[s].end - j0);
         KeyRange next{j0 + cols, std::min(ws.spans[s].end, j0 + cols + plan.cols)};  // the next key tile, if any
         if (next.empty() && s + 1 < ws.spans.size())
           next = {ws.spans[s + 1].begin, std::min(ws.spans[s + 1].end, ws.spans[s + 1].begin + plan.cols)};
-        fetch_next(next.empty() ? nullptr : &next, i0 + rows, rows, key_end, cols, ws);
+        fetch_next(next.empty() ? nullptr : &next, i0 + rows, rows, seen_end, key_end, cols, ws);
         run_key_tile(j0, cols);
       }
 

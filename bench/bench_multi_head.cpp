@@ -72,6 +72,7 @@ void BM_MhaDecodeStep(benchmark::State& state) {
   KVCache<float> cache = layer.make_cache(cached + 1);
   layer.forward_step(random_matrix<float>(cached, s.width, 2), cache);
   const Matrix<float> token = random_matrix<float>(1, s.width, 3);
+  release_cached_workspaces();
   const int64_t heap = heap::peak_during([&] {
     layer.forward_step(token, cache);
     cache.truncate(cached);

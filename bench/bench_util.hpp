@@ -76,6 +76,7 @@ inline void report_workspace(benchmark::State& state, Index bytes) {
 template <class F>
 int64_t run_timed(benchmark::State& state, const F& call) {
   call();
+  release_cached_workspaces();  // the heap a call allocates (later calls reuse their thread's workspace)
   const int64_t heap = heap::peak_during(call);
   for (auto _ : state) {
     call();

@@ -396,6 +396,34 @@ TEST(SdpaFloat, OutputWrittenPastTheCachesEqualsTheCachedPath) {
   }
 }
 
+// A score callable that itself runs attention (on the same thread, while the outer call holds the thread's cached
+// tile workspace) gets a workspace of its own: both results match the reference, and a call after it still does.
+TEST(SdpaFloat, NestedCallsFromACallableUseTheirOwnWorkspace) {
+  using S = float;
+  const Index n = 37, m = 53, d = 16;
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, d, 3);
+  const Matrix<S> iq = random_matrix<S>(9, 8, 4), ik = random_matrix<S>(11, 8, 5), iv = random_matrix<S>(11, 3, 6);
+  const Matrix<S> inner_expected = scaled_dot_product_attention(iq, ik, iv);
+  int nested = 0;
+  bool inner_ok = true;
+  const auto score = [&](S s, Index i, Index j) {
+    if (i == 5 && j == 7) {
+      ++nested;
+      inner_ok = inner_ok && scaled_dot_product_attention(iq, ik, iv) == inner_expected;
+    }
+    return s;
+  };
+  AttentionOptions o;
+  o.threads = 1;  // the callable runs on the caller's thread, which holds the cached workspace
+  const Matrix<S> out = scaled_dot_product_attention(q, k, v, o, score);
+  EXPECT_GE(nested, 1);
+  EXPECT_TRUE(inner_ok);
+  EXPECT_TRUE(
+      all_close(out, naive_attention(q.cast<double>().eval(), k.cast<double>().eval(), v.cast<double>().eval(), o).out,
+                testing::attention_tolerance<S>(m)));
+  EXPECT_TRUE(scaled_dot_product_attention(iq, ik, iv) == inner_expected);
+}
+
 TEST(SdpaErrors, BadInputsThrowErrorsNamingArgumentAndShapes) {
   const Matrix<float> q = Matrix<float>::Ones(4, 8), k = Matrix<float>::Ones(6, 8), v = Matrix<float>::Ones(6, 5);
   const Matrix<float> k_bad = Matrix<float>::Ones(6, 7), v_bad = Matrix<float>::Ones(5, 5);

@@ -34,6 +34,7 @@ struct Case {
 void check(const Case& c) {
   SCOPED_TRACE(c.what);
   c.call();
+  release_cached_workspaces();  // measure what a call allocates, not what an earlier one left in the thread caches
   const int64_t heap = heap::peak_during(c.call);
   std::printf("  %-58s heap %9.1f KiB, documented %9.1f KiB (%.2f)\n", c.what.c_str(), double(heap) / 1024,
               double(c.documented) / 1024, double(heap) / double(c.documented));
@@ -78,6 +79,31 @@ TEST(Workspace, MultiHeadAttentionForwardAndStep) {
                },
                layer->step_workspace_bytes(1, cached, o), false});
       }
+  }
+}
+
+// Each thread keeps its tile workspace between calls: a second call of a shape allocates (almost) nothing, the same
+// output comes back, and release_cached_workspaces() frees the caches so that the next call allocates the whole
+// documented workspace again, on one thread and on two.
+TEST(Workspace, ThreadsKeepTheirTileWorkspaceUntilReleased) {
+  for (const int threads : {1, 2}) {
+    SCOPED_TRACE(threads);
+    const Index n = 301, d = 64;
+    const F q = random_matrix<float>(n, d, 1), k = random_matrix<float>(n, d, 2), v = random_matrix<float>(n, d, 3);
+    F out(n, d), again(n, d);
+    AttentionOptions o;
+    o.threads = threads;
+    const Index documented =
+        detail::resolve_threads(threads) * scaled_dot_product_attention_workspace_bytes<float>(n, n, d, d, o);
+    scaled_dot_product_attention(q, k, v, out, o);
+    const int64_t warm = heap::peak_during([&] { scaled_dot_product_attention(q, k, v, again, o); });
+    EXPECT_TRUE(out == again);
+    EXPECT_LE(warm, kSlack) << "a warm call allocated " << warm << " bytes";
+    release_cached_workspaces();
+    const int64_t cold = heap::peak_during([&] { scaled_dot_product_attention(q, k, v, again, o); });
+    EXPECT_TRUE(out == again);
+    EXPECT_GE(2 * cold, documented) << "after the release a call allocated only " << cold << " bytes";
+    EXPECT_LE(cold, documented + kSlack);
   }
 }
 

@@ -289,9 +289,10 @@ class MultiHeadAttention {
 
   /// \brief Heap bytes that forward_into over n query rows and m key/value rows (m = -1: self-attention, m = n)
   /// allocates at most: Q (n x H d_head), K and V (m x H_kv d_head) and the concatenated heads (n x H d_head), plus
-  /// the largest per-thread scratch of the projections and the attention (a few tiles per thread, never n x m).
-  /// forward() adds its n x output_width() result. Inputs whose rows are not contiguous (column-major storage,
-  /// expressions) add a copy of them or of a block of their rows per thread.
+  /// the largest per-thread scratch of the projections and of the attention (a few tiles per thread, never n x m;
+  /// the attention's tile workspaces, which each thread keeps for its next call, together with the output
+  /// projection's). forward() adds its n x output_width() result. Inputs whose rows are not contiguous (column-major
+  /// storage, expressions) add a copy of them or of a block of their rows per thread.
   Index workspace_bytes(Index n, Index m = -1, const AttentionOptions& options = {}) const {
     constexpr const char* kWhere = "MultiHeadAttention::workspace_bytes";
     if (m == -1) m = n;
@@ -462,7 +463,8 @@ class MultiHeadAttention {
     const Index attend =
         multi_head_attention_workspace_bytes<S>(n, keys, c_.heads, c_.kv_heads, c_.head_dim, c_.head_dim, options);
     const Index output = c_.output_projection ? detail::dense_workspace_bytes<S>(n, qw, c_.width, t) : 0;
-    return buffers + std::max({project, attend, output});
+    // The attention's tile workspaces stay with their threads (for the next call) while the output projection runs.
+    return buffers + std::max(project, attend + output);
   }
 
   MultiHeadConfig c_;

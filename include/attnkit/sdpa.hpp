@@ -103,14 +103,20 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
 
 /// \brief Bytes of workspace one thread of the fused kernel allocates for this problem. Times the number of threads
 /// it is the heap cost of a call with a caller-provided `out`, apart from about 1 KiB of bookkeeping (allocator
-/// rounding, the thread pool's) per call. Decoding shapes (at most a micro-kernel's rows of queries over at least
-/// 1024 keys) run split-K and also keep partial outputs: multi_head_attention_workspace_bytes with one head counts
-/// the whole call.
+/// rounding, the thread pool's) per call. Each thread keeps its tile workspace between calls (it grows to the largest
+/// the thread has needed, and a later call that fits allocates nothing); release_cached_workspaces() frees them.
+/// Decoding shapes (at most a micro-kernel's rows of queries over at least 1024 keys) run split-K and also keep partial
+/// outputs: multi_head_attention_workspace_bytes with one head counts the whole call.
 template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {
   detail::check_sizes("scaled_dot_product_attention_workspace_bytes", n, m, d_k, d_v);
   return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(n, m, d_k, d_v, options), d_k, d_v);
 }
+
+/// \brief Frees the tile workspaces that the fused tile loop keeps per thread between calls (SDPA, multi-head, sparse,
+/// and the families built on them), except those a call is using at that moment, which stay for their thread's next
+/// call. Safe to call from any thread at any time; the next call simply allocates again.
+inline void release_cached_workspaces() { detail::WorkspaceRegistry::instance().release_idle(); }
 
 }  // namespace attnkit

@@ -617,7 +617,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   }
   struct Partial {
     Vector<S> out, lse;
-    AttentionWorkspace<S> workspace;
+    CachedWorkspace<S> workspace;
   };
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
@@ -635,7 +635,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
           // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
           // go through run_attention's split-K whatever the thread count, so results never depend on it.
           if (threads == 1 && !use_split_keys<S>(rows, call.k.rows))
-            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &part.workspace);
+            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(),
+                            &part.workspace.get());
           else
             run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
           for (Index s = 0; s < rows; ++s) {

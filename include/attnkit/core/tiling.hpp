@@ -4,7 +4,10 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #if __has_include(<unistd.h>)
@@ -123,6 +126,90 @@ struct AttentionWorkspace {
   }
 };
 
+/// Every thread's cached tile workspaces (CachedWorkspace), so that release_cached_workspaces() can free the ones not
+/// in use from any thread.
+class WorkspaceRegistry {
+ public:
+  struct Slot {
+    std::atomic<bool> busy{false};
+    virtual void free_buffers() = 0;
+    /// Frees the buffers unless a call is using them.
+    void release_if_idle() {
+      bool idle = false;
+      if (!busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) return;
+      free_buffers();
+      busy.store(false, std::memory_order_release);
+    }
+
+   protected:
+    ~Slot() = default;
+  };
+
+  static WorkspaceRegistry& instance() {
+    static WorkspaceRegistry registry;
+    return registry;
+  }
+  void add(Slot* slot) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    slots_.push_back(slot);
+  }
+  void remove(Slot* slot) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    slots_.erase(std::remove(slots_.begin(), slots_.end(), slot), slots_.end());
+  }
+  void release_idle() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (Slot* slot : slots_) slot->release_if_idle();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Slot*> slots_;
+};
+
+/// The calling thread's tile workspace, kept between calls (it only grows, to the largest tiles the thread has run):
+/// a call that allocated and freed its buffers each time paid for fresh pages on every call, 18-22% of the time of
+/// n = 256-512 SDPA. A nested call on the same thread (from a user's mask or score callable) finds the cache taken
+/// and gets a workspace of its own.
+template <class S>
+class CachedWorkspace {
+ public:
+  CachedWorkspace() {
+    Slot& slot = this_thread_slot();
+    if (!slot.busy.exchange(true, std::memory_order_acquire))
+      slot_ = &slot;
+    else
+      own_ = std::make_unique<AttentionWorkspace<S>>();
+  }
+  CachedWorkspace(CachedWorkspace&& other) noexcept : slot_(other.slot_), own_(std::move(other.own_)) {
+    other.slot_ = nullptr;
+  }
+  CachedWorkspace(const CachedWorkspace&) = delete;
+  CachedWorkspace& operator=(const CachedWorkspace&) = delete;
+  CachedWorkspace& operator=(CachedWorkspace&&) = delete;
+  ~CachedWorkspace() {
+    if (slot_) slot_->busy.store(false, std::memory_order_release);
+  }
+
+  AttentionWorkspace<S>& get() { return slot_ ? slot_->workspace : *own_; }
+
+ private:
+  struct Slot final : WorkspaceRegistry::Slot {
+    AttentionWorkspace<S> workspace;
+    Slot() { WorkspaceRegistry::instance().add(this); }
+    ~Slot() { WorkspaceRegistry::instance().remove(this); }
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    void free_buffers() override { workspace = AttentionWorkspace<S>(); }
+  };
+  static Slot& this_thread_slot() {
+    thread_local Slot slot;
+    return slot;
+  }
+  Slot* slot_ = nullptr;
+  std::unique_ptr<AttentionWorkspace<S>> own_;
+};
+
 /// The destination of a fused call: out (n x dv, row stride `stride`) and, optionally, the per-row log-sum-exp.
 /// Rows may fold groups like StridedView (group_rows > 0: row i is row i % group_rows of group i / group_rows).
 template <class S>
@@ -202,9 +289,9 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
 
   // Queues the rows the loop reads next and has not read lately, to be fetched a few lines per micro-kernel call of
   // the current key tile (cols keys): the next key tile's keys and values from seen_end on (the keys before it were
-  // read by the previous query tile), or after the last key tile the next query tile's queries and the keys it reaches
-  // beyond this tile's key_end. For a band those are exactly the new rows; for dense attention, only the queries.
-  // Key ranges are taken from a tile's last (and first) rows: exact for bands, only a hint otherwise.
+  // read by the previous query tile), or after the last key tile the next query tile's queries and the keys and values
+  // it reaches beyond this tile's key_end. For a band those are exactly the new rows; for dense attention, only the
+  // queries. Key ranges are taken from a tile's last (and first) rows: exact for bands, only a hint otherwise.
   const auto fetch_next = [&](const KeyRange* next_keys, Index n0, Index rows, Index seen_end, Index key_end,
                               Index cols, AttentionWorkspace<S>& ws) {
     ws.ahead.clear();
@@ -223,7 +310,11 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         if (!g.empty()) next = {std::min(next.begin, g.begin), std::max(next.end, g.end)};
       }
       ws.ahead.add(q, n0, n0 + next_rows);
-      if (std::max(next.begin, key_end) < next.end) ws.ahead.add(k, std::max(next.begin, key_end), next.end);
+      const Index from = std::max(next.begin, key_end);
+      if (from < next.end) {
+        ws.ahead.add(k, from, next.end);
+        if (values_in_place) ws.ahead.add(v, from, next.end);
+      }
     }
     // Paced at the rate of the larger of the two key tiles: a short tile (a global column block before a band) leaves
     // part of a long next tile to ordinary loads rather than fetching it in a burst.
@@ -340,11 +431,11 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     return;
   }
   const auto make_workspace = [&] {
-    AttentionWorkspace<S> ws;
-    ws.fit(plan, d, dv, !short_queries, !values_in_place);
+    CachedWorkspace<S> ws;
+    ws.get().fit(plan, d, dv, !short_queries, !values_in_place);
     return ws;
   };
-  parallel_for(tiles, o.threads, make_workspace, run_tile);
+  parallel_for(tiles, o.threads, make_workspace, [&](Index t, CachedWorkspace<S>& ws) { run_tile(t, ws.get()); });
 }
 
 /// Folds a partial result (part, part_lse) over more keys into (out, lse), both normalised over their own keys: with
@@ -409,8 +500,9 @@ void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const
   serial.threads = 1;
   Eigen::Matrix<S, Eigen::Dynamic, 1> partial(count * chunks * rows * dv), lse(count * chunks * rows);
   parallel_for(
-      chunks, o.threads, [] { return AttentionWorkspace<S>(); },
-      [&](Index c, AttentionWorkspace<S>& ws) {
+      chunks, o.threads, [] { return CachedWorkspace<S>(); },
+      [&](Index c, CachedWorkspace<S>& cached) {
+        AttentionWorkspace<S>& ws = cached.get();
         const KeyRange keys{c * kSplitKeys, std::min(m, (c + 1) * kSplitKeys)};
         for (Index i = 0; i < count; ++i) {
           const AttentionCall<S, Mask>& call = calls[i];

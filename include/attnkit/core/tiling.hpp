@@ -145,9 +145,10 @@ class WorkspaceRegistry {
     ~Slot() = default;
   };
 
+  /// Never destroyed: a thread that exits after static destruction began (a detached one) still unregisters safely.
   static WorkspaceRegistry& instance() {
-    static WorkspaceRegistry registry;
-    return registry;
+    static WorkspaceRegistry* const registry = new WorkspaceRegistry();
+    return *registry;
   }
   void add(Slot* slot) {
     const std::lock_guard<std::mutex> lock(mutex_);

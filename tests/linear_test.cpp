@@ -134,21 +134,25 @@ TYPED_TEST(LinearTest, SameResultForAnyThreadCountAndChunkedEqualsRecurrentExact
   }
 }
 
+/// Efficient Attention's implied n x m weights, softmax_d(Q) softmax_n(K)^T, in double straight from SPEC.
+MatD efficient_weights(const MatD& q, const MatD& k) {
+  MatD pq = q, pk = k;
+  for (Index i = 0; i < q.rows(); ++i)
+    pq.row(i) = (q.row(i).array() - q.row(i).maxCoeff()).exp(), pq.row(i) /= pq.row(i).sum();
+  for (Index c = 0; c < k.cols(); ++c)
+    pk.col(c) = (k.col(c).array() - k.col(c).maxCoeff()).exp(), pk.col(c) /= pk.col(c).sum();
+  return pq * pk.transpose();
+}
+
 TYPED_TEST(LinearTest, EfficientAttentionRowsSumToOneAndMatchTheFormula) {
   using S = TypeParam;
   const Index n = 37, m = 53, d = 6, dv = 4;
   const Matrix<S> q = random_matrix<S>(n, d, 1, 3.0), k = random_matrix<S>(m, d, 2, 3.0),
                   v = random_matrix<S>(m, dv, 3);
-  const MatD qd = q.template cast<double>(), kd = k.template cast<double>(), vd = v.template cast<double>();
-  MatD pq = qd, pk = kd;
-  for (Index i = 0; i < n; ++i)
-    pq.row(i) = (qd.row(i).array() - qd.row(i).maxCoeff()).exp(), pq.row(i) /= pq.row(i).sum();
-  for (Index c = 0; c < d; ++c)
-    pk.col(c) = (kd.col(c).array() - kd.col(c).maxCoeff()).exp(), pk.col(c) /= pk.col(c).sum();
-  const MatD weights = pq * pk.transpose();  // n x m, rows sum to 1
+  const MatD weights = efficient_weights(q.template cast<double>(), k.template cast<double>());  // rows sum to 1
   for (Index i = 0; i < n; ++i) EXPECT_NEAR(weights.row(i).sum(), 1.0, 1e-12);
   const double tol = attention_tolerance<S>(m) * 4;
-  EXPECT_TRUE(all_close(efficient_attention(q, k, v), weights * vd, tol));
+  EXPECT_TRUE(all_close(efficient_attention(q, k, v), weights * v.template cast<double>(), tol));
   const Matrix<S> ones = Matrix<S>::Ones(m, 1);
   EXPECT_TRUE(all_close(efficient_attention(q, k, ones), MatD::Ones(n, 1), tol));
 }
@@ -163,13 +167,8 @@ TYPED_TEST(LinearTest, EfficientAttentionRescalesAsColumnMaximaRiseAcrossChunks)
   Matrix<S> k = random_matrix<S>(m, d, 5);
   for (Index j = 0; j < m; ++j) k.row(j) *= S(1 + 0.6 * double(j));
   for (Index j = 0; j < 3; ++j) k(j, 1) = -std::numeric_limits<S>::infinity();
-  const MatD qd = q.template cast<double>(), kd = k.template cast<double>(), vd = v.template cast<double>();
-  MatD pq = qd, pk = kd;
-  for (Index i = 0; i < n; ++i)
-    pq.row(i) = (qd.row(i).array() - qd.row(i).maxCoeff()).exp(), pq.row(i) /= pq.row(i).sum();
-  for (Index c = 0; c < d; ++c)
-    pk.col(c) = (kd.col(c).array() - kd.col(c).maxCoeff()).exp(), pk.col(c) /= pk.col(c).sum();
-  const MatD expected = pq * pk.transpose() * vd;
+  const MatD expected =
+      efficient_weights(q.template cast<double>(), k.template cast<double>()) * v.template cast<double>();
   ASSERT_TRUE(expected.allFinite());
   for (const Index chunk : {1, 5, 0, 200}) {
     LinearOptions o;

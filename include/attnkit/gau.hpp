@@ -46,12 +46,12 @@ enum class GauInit {
 
 /// \brief Shape and initialisation of a GatedAttentionUnit or FlashAttentionLayer. Zero means "derive it".
 struct GauConfig {
-  Index width = 0;      ///< d: columns of the input and output
-  Index expansion = 0;  ///< e: columns of U and V; 0 means 2 d
-  Index shared = 128;   ///< s: columns of Z, Q and K
-  Index chunk = 256;    ///< FLASH only: c, tokens per chunk
-  bool bias = false;    ///< biases b_u, b_v, b_z and b_o
-  bool rope = false;    ///< GAU only: rotary position embedding on Q and K (s must be even)
+  Index width = 0;        ///< d: columns of the input and output
+  Index expansion = 0;    ///< e: columns of U and V; 0 means 2 d
+  Index shared = 128;     ///< s: columns of Z, Q and K
+  Index chunk = 256;      ///< FLASH only: c, tokens per chunk
+  bool bias = false;      ///< biases b_u, b_v, b_z and b_o
+  bool rope = false;      ///< GAU only: rotary position embedding on Q and K (s must be even)
   RopeOptions rope_options{};
   GauInit init = GauInit::kLecunNormal;
   double init_std = 0.02;  ///< with GauInit::kNormal
@@ -60,7 +60,7 @@ struct GauConfig {
 /// \brief Options of a GAU or FLASH forward.
 struct GauOptions {
   GauNormalization normalization = GauNormalization::kRelu2;  ///< GAU only; FLASH's chunks are always relu2 / c
-  bool causal = false;                                        ///< token i sees tokens j <= i
+  bool causal = false;    ///< token i sees tokens j <= i
   Index key_length = -1;  ///< GAU only: tokens at index >= key_length are padding, seen by no query; -1 means none
   int threads = 0;        ///< 0 means all; the result is the same for any thread count
 };
@@ -142,14 +142,14 @@ struct GatedProjections {
 template <class S>
 class GatedLayerBase {
  public:
-  Matrix<S> w_u;    ///< d x e
-  Matrix<S> w_v;    ///< d x e
-  Matrix<S> w_z;    ///< d x s
-  Matrix<S> w_o;    ///< e x d
-  Matrix<S> b_u;    ///< 1 x e, or 0 x 0 without config.bias
-  Matrix<S> b_v;    ///< 1 x e, or 0 x 0
-  Matrix<S> b_z;    ///< 1 x s, or 0 x 0
-  Matrix<S> b_o;    ///< 1 x d, or 0 x 0
+  Matrix<S> w_u;  ///< d x e
+  Matrix<S> w_v;  ///< d x e
+  Matrix<S> w_z;  ///< d x s
+  Matrix<S> w_o;  ///< e x d
+  Matrix<S> b_u;  ///< 1 x e, or 0 x 0 without config.bias
+  Matrix<S> b_v;  ///< 1 x e, or 0 x 0
+  Matrix<S> b_z;  ///< 1 x s, or 0 x 0
+  Matrix<S> b_o;  ///< 1 x d, or 0 x 0
   Matrix<S> gamma;  ///< heads x s per-dimension scales of Z (GAU: Q, K; FLASH: Q_quad, K_quad, Q_lin, K_lin)
   Matrix<S> beta;   ///< heads x s per-dimension offsets of Z
 
@@ -171,8 +171,8 @@ class GatedLayerBase {
     const std::string where = std::string(name()) + "::forward";
     check_input(where.c_str(), x, options);
     if (out.rows() != x.rows() || out.cols() != c_.width)
-      detail::fail(where.c_str(), "out is ", detail::shape_str(out.rows(), out.cols()),
-                   " but must be n x d = ", detail::shape_str(x.rows(), c_.width));
+      detail::fail(where.c_str(), "out is ", detail::shape_str(out.rows(), out.cols()), " but must be n x d = ",
+                   detail::shape_str(x.rows(), c_.width));
     const detail::ViewOf<D> xv(x);
     run(xv.view(), out.data(), out.outerStride(), options, detail::resolve_threads(options.threads));
   }
@@ -325,8 +325,8 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
     constexpr const char* kWhere = "GatedAttentionUnit::forward_with_attention";
     this->check_input(kWhere, x, {});
     if (a.rows() != x.rows() || a.cols() != x.rows())
-      detail::fail(kWhere, "attention is ", detail::shape_str(a.rows(), a.cols()),
-                   " but must be n x n = ", detail::shape_str(x.rows(), x.rows()));
+      detail::fail(kWhere, "attention is ", detail::shape_str(a.rows(), a.cols()), " but must be n x n = ",
+                   detail::shape_str(x.rows(), x.rows()));
     const int threads = detail::resolve_threads(0);
     const detail::ViewOf<D> xv(x);
     const detail::GatedProjections<S> p = this->project(xv.view(), threads);
@@ -404,7 +404,8 @@ class GatedAttentionUnit : public GatedLayerBase<S> {
       detail::fused_attention(qv, kv, vv, detail::SoftmaxPlusMask<S>(mask), scale(options), o, out);
     else
       detail::fused_attention(qv, kv, vv, mask, scale(options), o, out, detail::KeyRange::all(),
-                              static_cast<detail::AttentionWorkspace<S>*>(nullptr), weights(mask, options));
+                              static_cast<detail::AttentionWorkspace<S>*>(nullptr),
+                              weights(mask, options));
     return av;
   }
 };
@@ -545,13 +546,11 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
       const Matrix<S> k_lin_t = this->scale_offset(z, 3).transpose();
       detail::dense(detail::matrix_view(k_lin_t), detail::matrix_view(v), Matrix<S>(), state.data(), e, threads);
       const S inv_n = S(1) / S(n);
-      detail::for_each_item(
-          chunks, threads, [] { return Chunk(); },
-          [&](Index g, int inner, Chunk& ch) {
-            const Index r0 = g * c, len = std::min(c, n - r0);
-            ch.z = z.middleRows(r0, len);
-            chunk_terms(x, r0, rows_of(detail::matrix_view(v), r0, len), ch.z, state, inv_n, false, ch, inner, sink);
-          });
+      detail::for_each_item(chunks, threads, [] { return Chunk(); }, [&](Index g, int inner, Chunk& ch) {
+        const Index r0 = g * c, len = std::min(c, n - r0);
+        ch.z = z.middleRows(r0, len);
+        chunk_terms(x, r0, rows_of(detail::matrix_view(v), r0, len), ch.z, state, inv_n, false, ch, inner, sink);
+      });
       return;
     }
     // Causal: one pass, the state of the chunks before g carried along.
@@ -566,7 +565,8 @@ class FlashAttentionLayer : public GatedLayerBase<S> {
       if (g + 1 < chunks) {  // state += K_lin,g^T V_g
         const Matrix<S> k_lin_t = this->scale_offset(ch.z, 3).transpose();
         ch.step.resize(s, e);
-        detail::dense(detail::matrix_view(k_lin_t), detail::matrix_view(ch.v), Matrix<S>(), ch.step.data(), e, threads);
+        detail::dense(detail::matrix_view(k_lin_t), detail::matrix_view(ch.v), Matrix<S>(), ch.step.data(), e,
+                      threads);
         state += ch.step;
       }
     }

@@ -294,6 +294,53 @@ TEST(Dense, EqualsADoubleProductOnAwkwardShapesAndLayouts) {
       }
 }
 
+TEST(Dense, FewRowsStreamTheDepthInPartsAndEqualADoubleProduct) {
+  // Decoding shapes (fewer rows than a micro-kernel strip): depths of one part, several (300 = 3 parts, the last
+  // shorter), the 16-part cap (2100) and a row count that is not a multiple of four per part; columns ragged and wider
+  // than a task. Bit for bit the same on any thread count.
+  for (Index n : {1, 2, 5})
+    for (Index depth : {1, 7, 300, 2100})
+      for (Index cols : {3, 16, 67, 1030}) {
+        SCOPED_TRACE("n=" + std::to_string(n) + " depth=" + std::to_string(depth) + " cols=" + std::to_string(cols));
+        const Matrix<float> x = testing::random_matrix<float>(n, depth, 4),
+                            w = testing::random_matrix<float>(depth, cols, 5);
+        const Matrix<float> b = testing::random_matrix<float>(1, cols, 6);
+        testing::MatD expected = x.cast<double>() * w.cast<double>();
+        expected.rowwise() += b.cast<double>().row(0);
+        const double tol = 1e-5 * std::sqrt(double(depth)) * (1 + expected.cwiseAbs().maxCoeff());
+        Matrix<float> serial, parallel;
+        dense(StridedView<float>{x.data(), n, depth, depth, 1}, w, b, serial, 1);
+        EXPECT_TRUE(testing::all_close(serial, expected, tol));
+        for (int threads : {2, 3}) {
+          dense(StridedView<float>{x.data(), n, depth, depth, 1}, w, b, parallel, threads);
+          EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(float) * size_t(serial.size())), 0) << threads;
+        }
+      }
+}
+
+TEST(Dense, FewRowsWithALimitedDepthNeverReadTheRowsOfWTheyCannotSee) {
+  // x's rows are zero outside [lo, hi) and say so; w's rows outside hold NaN, and so does one row inside it that
+  // meets a zero weight. The result is the product over the visible rows only.
+  const Index n = 3, depth = 700, cols = 40, lo = 130, hi = 555;
+  Matrix<float> x = Matrix<float>::Zero(n, depth), w = testing::random_matrix<float>(depth, cols, 8);
+  x.middleCols(lo, hi - lo) = testing::random_matrix<float>(n, hi - lo, 7);
+  x.col(300).setZero();
+  w.topRows(lo).setConstant(std::numeric_limits<float>::quiet_NaN());
+  w.bottomRows(depth - hi).setConstant(std::numeric_limits<float>::infinity());
+  w.row(300).setConstant(std::numeric_limits<float>::quiet_NaN());
+  Matrix<float> clean = w;
+  clean.topRows(lo).setZero(), clean.bottomRows(depth - hi).setZero(), clean.row(300).setZero();
+  const testing::MatD expected = x.cast<double>() * clean.cast<double>();
+  Matrix<float> y(n, cols);
+  const auto visible = [&](Index, Index) { return KeyRange{lo, hi}; };
+  for (int threads : {1, 2}) {
+    dense(StridedView<float>{x.data(), n, depth, depth, 1}, matrix_view(w), Matrix<float>(), y.data(), cols, threads,
+          visible);
+    EXPECT_TRUE(y.allFinite());
+    EXPECT_TRUE(testing::all_close(y, expected, 1e-4 * (1 + expected.cwiseAbs().maxCoeff()))) << threads;
+  }
+}
+
 TEST(Dense, BitIdenticalForAnyThreadCount) {
   const Matrix<float> x = testing::random_matrix<float>(300, 257, 1), w = testing::random_matrix<float>(257, 1030, 2);
   Matrix<float> serial, parallel;

@@ -30,13 +30,45 @@ struct DenseBlock {
   static constexpr Index kRows = 16 * KernelShape<S>::kRows, kCols = 8 * KernelShape<S>::kCols, kDepth = 128;
 };
 
+/// Fewer rows of x than a micro-kernel strip (decoding a token) stream w instead: the depth in fixed parts, each a
+/// contiguous block of w's rows read once from start to end, so that the hardware prefetcher follows it and the parts
+/// run on every thread (tasks of 512 columns over half-page rows, one per 256-column projection, had two threads read
+/// w at 1.1x one thread's rate). The parts depend on the depth only, never on the thread count.
+struct StreamParts {
+  Index parts, rows;  // parts of `rows` rows of w each (the last one shorter)
+  static StreamParts of(Index depth) {
+    const Index parts = std::clamp<Index>((depth + 127) / 128, 1, 16);
+    return {parts, std::max<Index>(1, (depth + parts - 1) / parts)};
+  }
+};
+
+/// acc[c] += x0 w0[c] + x1 w1[c] + x2 w2[c] + x3 w3[c] (in that order) for c < width: four rows of w per load
+/// and store of the partial sums.
+template <class S>
+inline void add_four_rows(S* acc, const S (&x)[4], const S* const (&w)[4], Index width) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
+  const Packet x0 = pset1<Packet>(x[0]), x1 = pset1<Packet>(x[1]), x2 = pset1<Packet>(x[2]), x3 = pset1<Packet>(x[3]);
+  Index c = 0;
+  for (; c + P <= width; c += P) {
+    Packet a = ploadu<Packet>(acc + c);
+    a = pmadd(x0, ploadu<Packet>(w[0] + c), a);
+    a = pmadd(x1, ploadu<Packet>(w[1] + c), a);
+    a = pmadd(x2, ploadu<Packet>(w[2] + c), a);
+    pstoreu(acc + c, pmadd(x3, ploadu<Packet>(w[3] + c), a));
+  }
+  for (; c < width; ++c)
+    acc[c] = (((acc[c] + x[0] * w[0][c]) + x[1] * w[1][c]) + x[2] * w[2][c]) + x[3] * w[3][c];
+}
+
 /// y (n x c at row stride y_stride) = x (n x k, any strides) * w (k x c, rows contiguous) + b (1 x c, or empty), in
 /// parallel over tasks of (kDenseRows rows) x (kDenseCols columns). A block of at least kRows rows runs the
 /// micro-kernel (w read in place when its rows are whole packets, otherwise packed once per call), one depth block
-/// after another, each continuing the block's sums where the last one stored them; fewer rows, as when decoding a
-/// token, stream the rows of w instead (y_r += x_rk w_k). Which path and which blocks depend on the shapes only, never
-/// on the thread count, and every output element is one pass over k in order (depth blocks continue the same sums, so
-/// the result is that of a single pass), the same for any thread count.
+/// after another, each continuing the block's sums where the last one stored them: every output element is one pass
+/// over k in order. Fewer rows, as when decoding a token, stream w in the fixed depth parts of StreamParts, each
+/// into a partial sum (y_r += x_rk w_k, four rows of w at a time), and add the parts in order. Which path, which
+/// blocks and which parts depend on the shapes only, so the result is the same for any thread count.
 ///
 /// `row_depth(r0, rows)` may say that rows [r0, r0 + rows) of x are zero outside a range of columns (attention
 /// probabilities under a causal or banded mask): the product then skips the rest of the depth, and skips zeros inside
@@ -50,19 +82,53 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
   constexpr Index kStrips = kDenseRows / K::kRows;
   const Index n = x.rows, depth = w.rows, cols = w.cols;
   if (n == 0 || cols == 0) return;
+  const auto depth_of = [&](Index r0, Index rows) {
+    const KeyRange r = intersect(row_depth(r0, rows), {0, depth});
+    return r.empty() ? KeyRange{0, 0} : r;
+  };
+  if (n < K::kRows) {
+    const StreamParts sp = StreamParts::of(depth);
+    const Index width_blocks = (cols + kDenseCols - 1) / kDenseCols;
+    Eigen::Matrix<S, Eigen::Dynamic, 1> partial(sp.parts * n * cols);  // part p, row r at (p * n + r) * cols
+    parallel_for(sp.parts * width_blocks, threads, [] { return 0; }, [&](Index task, int&) {
+      const Index p = task / width_blocks, c0 = task % width_blocks * kDenseCols;
+      const Index width = std::min(kDenseCols, cols - c0);
+      for (Index r = 0; r < n; ++r) {
+        S* acc = partial.data() + (p * n + r) * cols + c0;
+        std::fill(acc, acc + width, S(0));
+        const KeyRange ks = intersect(depth_of(r, 1), {p * sp.rows, std::min(depth, (p + 1) * sp.rows)});
+        Index k = ks.empty() ? ks.end : ks.begin;
+        S xs[4];
+        const S* ws[4];
+        int f = 0;
+        for (; k < ks.end; ++k) {
+          const S xk = x(r, k);
+          if (kLimited && xk == S(0)) continue;  // a zero weight never meets w's row (it may hold NaN)
+          xs[f] = xk, ws[f] = w.row(k) + c0;
+          if (++f == 4) add_four_rows(acc, xs, ws, width), f = 0;
+        }
+        for (int g = 0; g < f; ++g)
+          for (Index c = 0; c < width; ++c) acc[c] += xs[g] * ws[g][c];
+      }
+    });
+    for (Index r = 0; r < n; ++r) {
+      Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out(y + r * y_stride, cols);
+      out = Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(partial.data() + r * cols, cols);
+      for (Index p = 1; p < sp.parts; ++p)
+        out += Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(partial.data() + (p * n + r) * cols, cols);
+      if (b.size() > 0) out += b.row(0);
+    }
+    return;
+  }
   const Index row_blocks = (n + kDenseRows - 1) / kDenseRows, col_blocks = (cols + kDenseCols - 1) / kDenseCols;
   Eigen::Matrix<S, Eigen::Dynamic, 1> packed_w;
   RhsPanels<S> rhs{w.data, K::kCols, w.row_stride};
-  if ((cols % K::kPacket != 0 || !w.row_contiguous()) && n >= K::kRows) {
+  if (cols % K::kPacket != 0 || !w.row_contiguous()) {
     const Index cols_pad = round_up(cols, K::kPacket);
     packed_w.resize(round_up(cols_pad, K::kCols) * depth);
     pack_rows(w, 0, depth, cols_pad, packed_w.data());
     rhs = {packed_w.data(), depth * K::kCols, 0};
   }
-  const auto depth_of = [&](Index r0, Index rows) {
-    const KeyRange r = intersect(row_depth(r0, rows), {0, depth});
-    return r.empty() ? KeyRange{0, 0} : r;
-  };
   struct Scratch {
     Eigen::Matrix<S, Eigen::Dynamic, 1> a, c;
     KeyRange strips[kStrips], block_strips[kStrips];
@@ -76,10 +142,8 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
       row_blocks * col_blocks, threads,
       [&] {
         Scratch s;
-        if (n >= K::kRows) {  // fewer rows (decoding) stream the rows of w and need no scratch
-          if (!x.row_contiguous()) s.a.resize(kDenseRows * depth);
-          s.c.resize(kDenseRows * round_up(kDenseCols, K::kPacket));
-        }
+        if (!x.row_contiguous()) s.a.resize(kDenseRows * depth);
+        s.c.resize(kDenseRows * round_up(kDenseCols, K::kPacket));
         return s;
       },
       [&](Index task, Scratch& s) {
@@ -89,20 +153,6 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
         const auto bias = [&](Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out) {
           if (b.size() > 0) out += b.row(0).segment(c0, width);
         };
-        if (rows < K::kRows) {
-          for (Index r = 0; r < rows; ++r) {
-            Eigen::Map<Eigen::Matrix<S, 1, Eigen::Dynamic>> out(y + (r0 + r) * y_stride + c0, width);
-            out.setZero();
-            const KeyRange ks = depth_of(r0 + r, 1);
-            for (Index k = ks.begin; k < ks.end; ++k) {
-              const S xk = x(r0 + r, k);
-              if (kLimited && xk == S(0)) continue;
-              out += xk * Eigen::Map<const Eigen::Matrix<S, 1, Eigen::Dynamic>>(w.row(k) + c0, width);
-            }
-            bias(out);
-          }
-          return;
-        }
         const S* a = x.row(r0);
         Index lda = x.row_stride;
         if (!x.row_contiguous()) {
@@ -136,14 +186,15 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
 
 /// Heap bytes dense() allocates for x (n x depth) times w (depth x cols) on `threads` threads: a packed copy of w
 /// when its columns are not whole packets or its rows are strided, one result block per worker, and per worker a
-/// copy of a block of x's rows when they are strided. None for fewer than KernelShape::kRows rows.
+/// copy of a block of x's rows when they are strided. For fewer than KernelShape::kRows rows, the partial sums of the
+/// depth parts (StreamParts).
 template <class S>
 Index dense_workspace_bytes(Index n, Index depth, Index cols, int threads, bool x_rows_contiguous = true,
                             bool w_rows_contiguous = true) {
   using K = KernelShape<S>;
   using B = DenseBlock<S>;
   if (n == 0 || cols == 0) return 0;
-  if (n < K::kRows) return 0;
+  if (n < K::kRows) return heap_bytes<S>(StreamParts::of(depth).parts * n * cols);  // the parts' partial sums
   Index bytes = 0;
   if (cols % K::kPacket != 0 || !w_rows_contiguous)
     bytes += heap_bytes<S>(round_up(round_up(cols, K::kPacket), K::kCols) * depth);

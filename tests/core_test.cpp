@@ -250,6 +250,12 @@ TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheLastLevelCache) {
   const Index llc = last_level_cache_bytes();
   EXPECT_GE(llc, Index(64) << 10);  // a real cache size, read once
   EXPECT_EQ(llc, last_level_cache_bytes());
+  const Index l2 = l2_cache_bytes();  // the tile plans' budget: a real size, no larger than the last level
+  EXPECT_GE(l2, Index(64) << 10);
+  EXPECT_LE(l2, llc);
+  if (CacheLevels::read().bytes[2] > 0) {  // sysfs first, as for the last level
+    EXPECT_EQ(l2, CacheLevels::read().bytes[2]);
+  }
   EXPECT_TRUE(streams_past_cache(llc + 1, llc / 8 + 1));
   EXPECT_FALSE(streams_past_cache(llc, llc / 2));      // fits in the cache
   EXPECT_FALSE(streams_past_cache(4 * llc, llc / 8));  // a small output (a decoding step's partial rows)

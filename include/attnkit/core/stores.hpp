@@ -4,6 +4,7 @@
 // memory traffic of linear attention, which reads q, k and v once and writes the output once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <fstream>
 #include <string>
@@ -19,32 +20,63 @@
 
 namespace attnkit::detail {
 
-/// Bytes of the last-level cache one core reaches: Linux's sysfs description of cpu0's highest cache level, else the C
-/// library's L3 (else L2) size, else 8 MiB. Read once. (sysfs first: glibc reports the L3 of all of an EPYC's
-/// core complexes together, 384 MiB where one core reaches 32.)
+/// The caches of cpu0 as Linux's sysfs describes them: {level, bytes} of each data or unified cache (none elsewhere).
+struct CacheLevels {
+  Index bytes[8] = {};  // bytes[level], 0 where sysfs did not say
+  Index highest = 0;    // the highest level found, 0 for none
+
+  static const CacheLevels& read() {
+    static const CacheLevels levels = [] {
+      CacheLevels c;
+      for (int index = 0; index < 8; ++index) {
+        const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
+        std::ifstream level_file(dir + "level"), size_file(dir + "size"), type_file(dir + "type");
+        Index level = 0, size = 0;
+        std::string unit, type;
+        if (!(level_file >> level) || !(size_file >> size) || level < 1 || level > 7) continue;
+        if (type_file >> type && type == "Instruction") continue;
+        size_file >> unit;
+        size *= unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+        c.bytes[level] = size, c.highest = std::max(c.highest, level);
+      }
+      return c;
+    }();
+    return levels;
+  }
+};
+
+/// The C library's size of a cache level (2 or 3), 0 where it does not say.
+inline Index reported_cache_bytes(int level) {
+  long bytes = 0;
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+  if (level == 2) bytes = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+  if (level == 3) bytes = sysconf(_SC_LEVEL3_CACHE_SIZE);
+#endif
+  return bytes > 0 ? Index(bytes) : 0;
+}
+
+/// Bytes of the last-level cache one core reaches: sysfs's highest level, else the C library's L3 (else L2) size,
+/// else 8 MiB. (sysfs first: glibc reports the L3 of all of an EPYC's core complexes together, 384 MiB where one
+/// core reaches 32.)
 inline Index last_level_cache_bytes() {
   static const Index bytes = [] {
-    Index best_level = 0, best = 0;
-    for (int index = 0; index < 8; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-      std::ifstream level_file(dir + "level"), size_file(dir + "size");
-      Index level = 0, size = 0;
-      std::string unit;
-      if (!(level_file >> level) || !(size_file >> size)) continue;
-      size_file >> unit;
-      size *= unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
-      if (level > best_level) best_level = level, best = size;
-    }
-    if (best > 0) return best;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0) return Index(l3);
-#endif
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (l2 > 0) return Index(l2);
-#endif
+    const CacheLevels& c = CacheLevels::read();
+    if (c.highest > 0) return c.bytes[c.highest];
+    if (const Index l3 = reported_cache_bytes(3)) return l3;
+    if (const Index l2 = reported_cache_bytes(2)) return l2;
     return Index(8) << 20;
+  }();
+  return bytes;
+}
+
+/// Bytes of one core's L2 cache: sysfs's, else the C library's, else 1 MiB.
+inline Index l2_cache_bytes() {
+  static const Index bytes = [] {
+    if (const Index b = CacheLevels::read().bytes[2]) return b;
+    if (const Index b = reported_cache_bytes(2)) return b;
+    return Index(1) << 20;
   }();
   return bytes;
 }

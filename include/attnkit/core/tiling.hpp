@@ -10,10 +10,6 @@
 #include <mutex>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>
-#endif
-
 #include "mask.hpp"
 #include "microkernel.hpp"
 #include "options.hpp"
@@ -30,18 +26,6 @@ struct TilePlan {
   Index rows = 0;
   Index cols = 0;
 };
-
-/// Bytes of the L2 cache of one core, as the C library reports it (1 MiB where it does not). Read once.
-inline Index l2_cache_bytes() {
-  static const Index bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (reported > 0) return Index(reported);
-#endif
-    return Index(1) << 20;
-  }();
-  return bytes;
-}
 
 /// Largest query tile: 32 micro-kernel strips. It amortises packing K^T and the per-key-tile work over more rows;
 /// measured on 2 MiB of L2 (n = 2048, one thread), 192 rows ran 6-12% faster than 96 for d = 64 and 128.

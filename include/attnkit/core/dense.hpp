@@ -42,24 +42,23 @@ struct StreamParts {
   }
 };
 
-/// acc[c] += x0 w0[c] + x1 w1[c] + x2 w2[c] + x3 w3[c] (in that order) for c < width: four rows of w per load
-/// and store of the partial sums.
-template <class S>
-inline void add_four_rows(S* acc, const S (&x)[4], const S* const (&w)[4], Index width) {
+/// acc[c] += x[0] w[0][c] + ... + x[R-1] w[R-1][c] (in that order) for c < width: up to four rows of w per load and
+/// store of the partial sums.
+template <class S, int R>
+inline void add_rows(S* acc, const S* x, const S* const* w, Index width) {
   using namespace Eigen::internal;
   using Packet = typename KernelShape<S>::Packet;
   constexpr Index P = KernelShape<S>::kPacket;
-  const Packet x0 = pset1<Packet>(x[0]), x1 = pset1<Packet>(x[1]), x2 = pset1<Packet>(x[2]), x3 = pset1<Packet>(x[3]);
+  Packet xr[R];
+  for (int r = 0; r < R; ++r) xr[r] = pset1<Packet>(x[r]);
   Index c = 0;
   for (; c + P <= width; c += P) {
     Packet a = ploadu<Packet>(acc + c);
-    a = pmadd(x0, ploadu<Packet>(w[0] + c), a);
-    a = pmadd(x1, ploadu<Packet>(w[1] + c), a);
-    a = pmadd(x2, ploadu<Packet>(w[2] + c), a);
-    pstoreu(acc + c, pmadd(x3, ploadu<Packet>(w[3] + c), a));
+    for (int r = 0; r < R; ++r) a = pmadd(xr[r], ploadu<Packet>(w[r] + c), a);
+    pstoreu(acc + c, a);
   }
   for (; c < width; ++c)
-    acc[c] = (((acc[c] + x[0] * w[0][c]) + x[1] * w[1][c]) + x[2] * w[2][c]) + x[3] * w[3][c];
+    for (int r = 0; r < R; ++r) acc[c] += x[r] * w[r][c];
 }
 
 /// y (n x c at row stride y_stride) = x (n x k, any strides) * w (k x c, rows contiguous) + b (1 x c, or empty), in
@@ -97,18 +96,19 @@ void dense(const StridedView<S>& x, const StridedView<S>& w, const Matrix<S>& b,
         S* acc = partial.data() + (p * n + r) * cols + c0;
         std::fill(acc, acc + width, S(0));
         const KeyRange ks = intersect(depth_of(r, 1), {p * sp.rows, std::min(depth, (p + 1) * sp.rows)});
-        Index k = ks.empty() ? ks.end : ks.begin;
+        if (ks.empty()) continue;
         S xs[4];
         const S* ws[4];
         int f = 0;
-        for (; k < ks.end; ++k) {
+        for (Index k = ks.begin; k < ks.end; ++k) {
           const S xk = x(r, k);
           if (kLimited && xk == S(0)) continue;  // a zero weight never meets w's row (it may hold NaN)
           xs[f] = xk, ws[f] = w.row(k) + c0;
-          if (++f == 4) add_four_rows(acc, xs, ws, width), f = 0;
+          if (++f == 4) add_rows<S, 4>(acc, xs, ws, width), f = 0;
         }
-        for (int g = 0; g < f; ++g)
-          for (Index c = 0; c < width; ++c) acc[c] += xs[g] * ws[g][c];
+        if (f == 3) add_rows<S, 3>(acc, xs, ws, width);
+        if (f == 2) add_rows<S, 2>(acc, xs, ws, width);
+        if (f == 1) add_rows<S, 1>(acc, xs, ws, width);
       }
     });
     for (Index r = 0; r < n; ++r) {

@@ -162,9 +162,17 @@ TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
         EXPECT_EQ(plan.cols, serial.cols) << "n " << n << " d " << d << " threads " << threads;
         EXPECT_LE(plan.rows, kMaxQueryTile<float>);
         EXPECT_TRUE(plan.rows == n || plan.rows % KernelShape<float>::kRows == 0) << "rows " << plan.rows;
-        const Index tiles = (n + plan.rows - 1) / plan.rows;
-        if (n >= threads * 16 * KernelShape<float>::kRows) {  // 16 strips per thread or more: every thread has a tile
-          EXPECT_GE(tiles, threads) << "n " << n << " threads " << threads;
+        // Blocks of plan.group query tiles are the parallel work, each block's queries and accumulators in 40% of L2.
+        const Index block = plan.rows * plan.group, blocks = (n + block - 1) / block;
+        EXPECT_GE(plan.group, 1);
+        EXPECT_LE(plan.group, 8);
+        if (plan.group > 1) {
+          EXPECT_LE(plan.group * plan.rows * (d + d) * Index(sizeof(float)), l2_cache_bytes() * 4 / 10 + 1024)
+              << "n " << n << " d " << d << " threads " << threads;
+          EXPECT_GT(n, (blocks - 1) * block + (plan.group - 1) * plan.rows / 2) << "the last block is not a stub";
+        }
+        if (n >= threads * 16 * KernelShape<float>::kRows) {  // 16 strips per thread or more: every thread has a block
+          EXPECT_GE(blocks, threads) << "n " << n << " threads " << threads;
         }
       }
     }

@@ -317,6 +317,52 @@ TYPED_TEST(SdpaTest, BitIdenticalForAnyThreadCount) {
     }
 }
 
+// Blocks of query tiles share each packed key tile when their rows walk the same key tiles (dense, causal, key
+// padding, a bias); a window walks tile by tile. Either way every row is bit for bit what one query tile of the same
+// rows gives walking alone (an explicit query_tile never groups), and matches the double-precision loops: odd and
+// round sizes, ragged key tiles, keys and values holding NaN that no row may see, and a short last block.
+TYPED_TEST(SdpaTest, QueryTilesSharingPackedKeyTilesGiveTheirOwnResults) {
+  using S = TypeParam;
+  const S nan = std::numeric_limits<S>::quiet_NaN();
+  for (const Index n : {1000, 997, 389})
+    for (const Index d : {13, 64}) {
+      const Index m = n + 11, dv = 16;
+      const Matrix<S> q = random_matrix<S>(n, d, 1), k_clean = random_matrix<S>(m, d, 2);
+      const Matrix<S> v_clean = random_matrix<S>(m, dv, 3), bias = random_matrix<S>(n, m, 4);
+      const MatD bias_d = bias.template cast<double>();
+      std::vector<AttentionOptions> cases(6);
+      cases[1].causal = true;
+      cases[2].key_length = m - 11;  // the last 11 keys and values are NaN: padding must hide them
+      cases[3].causal = true, cases[3].key_length = m - 11;
+      cases[4].key_tile = 80;  // ragged key tiles, and the bias below
+      cases[5].window_left = 100;  // query tiles of a window see different key tiles: no sharing
+      for (size_t c = 0; c < cases.size(); ++c) {
+        AttentionOptions o = cases[c];
+        o.threads = 1;
+        SCOPED_TRACE("n " + std::to_string(n) + " d " + std::to_string(d) + " case " + std::to_string(c));
+        const detail::TilePlan plan = detail::plan_tiles<S>(n, m, d, dv, o);
+        // d = 13: a block's queries and accumulators fit in 40% of any L2 of 256 KiB or more, so blocks exist.
+        if (d == 13 && n > 2 * detail::kMaxQueryTile<S>) {
+          ASSERT_GT(plan.group, 1);
+        }
+        Matrix<S> k = k_clean, v = v_clean;
+        if (o.key_length > 0) k.bottomRows(11).setConstant(nan), v.bottomRows(11).setConstant(nan);
+        const bool biased = c == 4;
+        const Matrix<S> grouped = biased ? scaled_dot_product_attention(q, k, v, o, bias)
+                                         : scaled_dot_product_attention(q, k, v, o);
+        AttentionOptions alone = o;
+        alone.query_tile = plan.rows;
+        const Matrix<S> single = biased ? scaled_dot_product_attention(q, k, v, alone, bias)
+                                        : scaled_dot_product_attention(q, k, v, alone);
+        EXPECT_EQ(std::memcmp(grouped.data(), single.data(), sizeof(S) * size_t(grouped.size())), 0);
+        NaiveExtras x{biased ? &bias_d : nullptr, nullptr, {}, {}};
+        const auto expected = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),
+                                              v_clean.template cast<double>(), o, x);
+        EXPECT_TRUE(all_close(grouped, expected.out, this->tol(m)));
+      }
+    }
+}
+
 TYPED_TEST(SdpaTest, MapsBlocksExpressionsAndStorageOrders) {
   using S = TypeParam;
   using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;

@@ -1,5 +1,5 @@
-// attnkit: the one tiling loop of exact attention. Query tiles run in parallel; inside a tile, key tiles stream
-// through an online softmax, so the workspace is O(tile) and no n x m matrix ever exists.
+// attnkit: the one tiling loop of exact attention. Blocks of query tiles run in parallel; inside a block, key tiles
+// stream through an online softmax, so the workspace is O(tile) and no n x m matrix ever exists.
 #pragma once
 
 #include <algorithm>
@@ -25,6 +25,7 @@ namespace attnkit::detail {
 struct TilePlan {
   Index rows = 0;
   Index cols = 0;
+  Index group = 1;  ///< query tiles of a block, which share each packed key tile (dense, causal and padding masks)
 };
 
 /// Largest query tile: 32 micro-kernel strips. It amortises packing K^T and the per-key-tile work over more rows;
@@ -62,9 +63,27 @@ Index key_tile_cols(Index m, Index d, Index dv, const AttentionOptions& o) {
   return round_up(std::min(cols, std::max<Index>(m, 1)), KernelShape<S>::kPacket);
 }
 
+/// Query tiles per block and their rows: packing a key tile's K^T costs about as much as a few strips' products with
+/// it, so the query tiles of a block, whose rows see the same key tiles, share each packed tile (dense, causal and
+/// key-padding masks; fused_attention checks). A block's queries and accumulators stay in L2 (at most 40% of it)
+/// across its key tiles, while each query tile keeps its own scores. With threads > 1 the blocks aim at a multiple of
+/// the thread count, and are as even as whole strips allow. Results never depend on it (a row's
+/// softmax and products do not depend on its tile), so it may follow the thread count.
 template <class S>
 TilePlan plan_tiles(Index n, Index m, Index d, Index dv, const AttentionOptions& o) {
-  return {query_tile_rows<S>(n, o), key_tile_cols<S>(m, d, dv, o)};
+  constexpr Index kRows = KernelShape<S>::kRows;
+  TilePlan plan{query_tile_rows<S>(n, o), key_tile_cols<S>(m, d, dv, o), 1};
+  if (o.query_tile > 0 || plan.rows <= kRows) return plan;
+  const Index tiles = (n + plan.rows - 1) / plan.rows, threads = resolve_threads(o.threads);
+  const Index per_tile = plan.rows * (d + round_up(dv, KernelShape<S>::kPacket)) * Index(sizeof(S));
+  Index most = std::clamp<Index>(l2_cache_bytes() * 4 / 10 / std::max<Index>(per_tile, 1), 1, 8);
+  Index blocks = (tiles + most - 1) / most;
+  if (threads > 1) blocks = round_up(blocks, threads);
+  if (blocks >= tiles) return plan;
+  const Index block_rows = round_up((n + blocks - 1) / blocks, kRows);
+  plan.group = (block_rows + kMaxQueryTile<S> - 1) / kMaxQueryTile<S>;
+  plan.rows = round_up((block_rows + plan.group - 1) / plan.group, kRows);
+  return plan;
 }
 
 /// Per-thread scratch of the fused loop. Not zero-filled: every value the loop reads it has written first (packing
@@ -82,8 +101,9 @@ struct AttentionWorkspace {
   static std::array<Index, 6> sizes(const TilePlan& plan, Index d, Index dv) {
     using K = KernelShape<S>;
     const Index cols = round_up(plan.cols, K::kPacket), dv_pad = round_up(dv, K::kPacket);
-    return {plan.rows * d,    round_up(cols, K::kCols) * d, plan.cols * round_up(dv_pad, K::kCols),
-            plan.rows * cols, plan.rows * dv_pad,           plan.rows};
+    const Index block = plan.rows * plan.group;
+    return {block * d,        round_up(cols, K::kCols) * d, plan.cols * round_up(dv_pad, K::kCols),
+            plan.rows * cols, block * dv_pad,               block};
   }
 
   /// Grows the buffers to the plan's needs. A call that reads key rows in place (decoding) leaves the packed-K^T
@@ -95,7 +115,8 @@ struct AttentionWorkspace {
     Buffer* buffers[] = {&queries, &keys, &values, &scores, &acc, &alpha};
     for (size_t b = 0; b < need.size(); ++b)
       if (buffers[b]->size() < need[b]) buffers[b]->resize(need[b]);
-    if (Index(ranges.size()) < plan.rows) ranges.resize(size_t(plan.rows)), stats.resize(size_t(plan.rows));
+    const Index block = plan.rows * plan.group;
+    if (Index(ranges.size()) < block) ranges.resize(size_t(block)), stats.resize(size_t(block));
     const Index strip_count = (plan.rows + KernelShape<S>::kRows - 1) / KernelShape<S>::kRows;
     if (Index(strips.size()) < strip_count) strips.resize(size_t(strip_count));
     return *this;
@@ -105,7 +126,7 @@ struct AttentionWorkspace {
     Index scalars = 0;
     for (Index size : sizes(plan, d, dv)) scalars += size;
     const Index strips = (plan.rows + KernelShape<S>::kRows - 1) / KernelShape<S>::kRows;
-    return scalars * Index(sizeof(S)) + plan.rows * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>)) +
+    return scalars * Index(sizeof(S)) + plan.rows * plan.group * Index(sizeof(KeyRange) + sizeof(SoftmaxState<S>)) +
            strips * Index(sizeof(KeyRange));
   }
 };
@@ -248,12 +269,14 @@ struct SoftmaxWeights {
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
 /// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
-/// Per query tile: pack Q (scaled per row), then for each key tile that is not empty: pack K^T and V, S = Q K^T by the
-/// micro-kernel, apply score modifiers (all tiles) and the mask (partial tiles only), one online-softmax step per row,
-/// and acc = alpha .* acc + P V. Keys outside every row's range (padding, causal future) are never packed nor read.
+/// Per block of query tiles (plan.group of them): pack Q (scaled per row), then for each key tile that is not empty:
+/// pack K^T and V once, and for each query tile S = Q K^T by the micro-kernel, apply score modifiers (all tiles) and the
+/// mask (partial tiles only), one online-softmax step per row, and acc = alpha .* acc + P V. Masks whose query tiles
+/// would walk different key tiles (windows, sparse patterns) walk them tile by tile. Keys outside every row's range
+/// (padding, causal future) are never packed nor read.
 /// `keys` restricts the call to keys [keys.begin, keys.end) (split-K decoding); the output is then normalised over
 /// those keys alone and the log-sum-exp says how to merge it with other ranges (merge_key_ranges). With `workspace`,
-/// the query tiles run one after another on the caller's thread, in that workspace. `weights` may replace the softmax
+/// the blocks run one after another on the caller's thread, in that workspace. `weights` may replace the softmax
 /// (the log-sum-exp output is then meaningless and must not be asked for).
 template <class S, class Mask, class Weights = SoftmaxWeights>
 void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v, const Mask& mask,
@@ -264,7 +287,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   if (n == 0) return;
   const TilePlan plan = plan_tiles<S>(n, m, d, dv, o);
   const Index dv_pad = round_up(dv, K::kPacket);
-  const Index tiles = (n + plan.rows - 1) / plan.rows;
+  const Index block_rows = plan.rows * plan.group, blocks = (n + block_rows - 1) / block_rows;
   const bool values_in_place = v.row_contiguous() && v.group_rows == 0 && dv % K::kPacket == 0;
   const bool short_queries = use_short_query_scores(n, k);
   // A call larger than the last-level cache reads its rows from memory: it fetches them ahead and writes its output
@@ -307,71 +330,83 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     ws.ahead.pace(tile_steps<S>(rows, round_up(span, K::kPacket)) / 2 + tile_steps<S>(rows, dv_pad));
   };
 
-  auto run_tile = [&](Index t, AttentionWorkspace<S>& ws) {
-    const Index i0 = t * plan.rows, rows = std::min(plan.rows, n - i0);
-    Index key_begin = m, key_end = 0;
-    for (Index r = 0; r < rows; ++r) {
-      const KeyRange g = intersect(mask.row_range(i0 + r), keys);
-      ws.ranges[r] = g;
-      if (!g.empty()) key_begin = std::min(key_begin, g.begin), key_end = std::max(key_end, g.end);
-      const S row_scale = mask.row_scale(i0 + r, scale);
+  // One block of query tiles (plan.group of them, rows [b0, b0 + block_rows)): each row's range, scaled query,
+  // softmax state and accumulator live for the block's whole walk over its key tiles.
+  auto run_block = [&](Index b, AttentionWorkspace<S>& ws) {
+    const Index b0 = b * block_rows, brows = std::min(block_rows, n - b0);
+    for (Index r = 0; r < brows; ++r) {
+      ws.ranges[r] = intersect(mask.row_range(b0 + r), keys);
+      const S row_scale = mask.row_scale(b0 + r, scale);
       S* qrow = ws.queries.data() + r * d;
-      const S* src = q.row(i0 + r);
+      const S* src = q.row(b0 + r);
       for (Index c = 0; c < d; ++c) qrow[c] = row_scale * src[c * q.col_stride];
     }
-    std::fill(ws.stats.begin(), ws.stats.begin() + rows, SoftmaxState<S>{});
-    ws.acc.head(rows * dv_pad).setZero();
+    std::fill(ws.stats.begin(), ws.stats.begin() + brows, SoftmaxState<S>{});
+    ws.acc.head(brows * dv_pad).setZero();
+    // The hull of the keys seen by the query tile of rows [r0, r0 + rows) of the block.
+    const auto hull_of = [&](Index r0, Index rows) {
+      KeyRange h{m, 0};
+      for (Index r = r0; r < r0 + rows; ++r)
+        if (!ws.ranges[r].empty()) h = {std::min(h.begin, ws.ranges[r].begin), std::max(h.end, ws.ranges[r].end)};
+      return h;
+    };
 
-    // One key tile [j0, j0 + cols): S = Q K^T, modifiers and mask, online softmax, acc = alpha .* acc + P V.
-    const auto run_key_tile = [&](Index j0, Index cols) {
-      const Index cols_pad = round_up(cols, K::kPacket);
-      const TileKind kind = mask.classify(i0, ws.ranges.data(), rows, j0, cols);
+    // One key tile [j0, j0 + cols) for the query tile of rows [r0, r0 + rows) of the block, its K^T packed in
+    // ws.keys unless `packed`: S = Q K^T, modifiers and mask, online softmax, acc = alpha .* acc + P V.
+    const auto run_key_tile = [&](Index r0, Index rows, Index j0, Index cols, bool packed) {
+      const Index i0 = b0 + r0, cols_pad = round_up(cols, K::kPacket);
+      const KeyRange* ranges = ws.ranges.data() + r0;
+      const TileKind kind = mask.classify(i0, ranges, rows, j0, cols);
       if (kind == TileKind::kEmpty) return;
       // In a partial tile each strip of kRows rows works only on the keys its rows' ranges reach (bands, diagonals).
       StripLimits limits;
       if (kind == TileKind::kPartial) {
-        for (Index r0 = 0, s = 0; r0 < rows; r0 += K::kRows, ++s) {
+        for (Index s0 = 0, s = 0; s0 < rows; s0 += K::kRows, ++s) {
           KeyRange u{cols, 0};
-          for (Index r = r0; r < std::min(rows, r0 + K::kRows); ++r) {
-            const KeyRange g = intersect(ws.ranges[r], {j0, j0 + cols});
+          for (Index r = s0; r < std::min(rows, s0 + K::kRows); ++r) {
+            const KeyRange g = intersect(ranges[r], {j0, j0 + cols});
             if (!g.empty()) u = {std::min(u.begin, g.begin - j0), std::max(u.end, g.end - j0)};
           }
           ws.strips[size_t(s)] = u;
         }
         limits = {ws.strips.data(), ws.strips.data()};
       }
+      S* const qrows = ws.queries.data() + r0 * d;
+      S* const acc = ws.acc.data() + r0 * dv_pad;
+      S* const alpha = ws.alpha.data() + r0;
       // The P V product reads these rows in place: fetch them while Q K^T runs. Not for a decoding step, whose
       // burst of prefetches ahead of its short products made it 1.3x slower.
-      if (values_in_place && !short_queries)
+      if (values_in_place && !short_queries && !packed)
         for (Index j = j0; j < j0 + cols; ++j) prefetch_row(v.row(j), dv);
       if (short_queries) {
-        short_query_scores(ws.queries.data(), d, rows, k, j0, cols, ws.scores.data(), cols_pad);
+        short_query_scores(qrows, d, rows, k, j0, cols, ws.scores.data(), cols_pad);
       } else {
-        pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
-        tile_product<S, false>(ws.queries.data(), d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
+        if (!packed) pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
+        tile_product<S, false>(qrows, d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,
                                ws.scores.data(), cols_pad, nullptr, {limits.cols, nullptr}, &ws.ahead);
       }
       for (Index r = 0; r < rows; ++r) {
         S* row = ws.scores.data() + r * cols_pad;
+        SoftmaxState<S>& state = ws.stats[size_t(r0 + r)];
         if (mask.modifies_scores()) mask.modify_row(i0 + r, j0, row, cols);
         if (kind == TileKind::kFull) {
-          ws.alpha[r] = weights.step(row, cols, ws.stats[r]);
+          alpha[r] = weights.step(row, cols, state);
           continue;
         }
         // Partial: the softmax runs over the row's own range only (masked there element by element, if the mask
         // has elements); the rest of its strip's keys get weight 0.
         const KeyRange strip = ws.strips[size_t(r / K::kRows)];
-        const KeyRange g = intersect(ws.ranges[r], {j0, j0 + cols});
+        const KeyRange g = intersect(ranges[r], {j0, j0 + cols});
         const Index lo = g.empty() ? strip.begin : g.begin - j0, hi = g.empty() ? strip.begin : g.end - j0;
-        if (lo < hi) mask.mask_row(i0 + r, j0 + lo, row + lo, hi - lo, ws.ranges[r]);
-        ws.alpha[r] = weights.step(row + lo, hi - lo, ws.stats[r]);
+        if (lo < hi) mask.mask_row(i0 + r, j0 + lo, row + lo, hi - lo, ranges[r]);
+        alpha[r] = weights.step(row + lo, hi - lo, state);
         if (strip.begin < lo) std::fill(row + strip.begin, row + lo, S(0));
         if (hi < strip.end) std::fill(row + hi, row + strip.end, S(0));
       }
-      // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per tile.
+      // Values are read in place when their rows are whole packets; otherwise packed (zero padded) per key tile.
       RhsPanels<S> values{v.row(j0), K::kCols, v.row_stride};
       if (!values_in_place) {
-        pack_rows(v, j0, cols, dv_pad, ws.values.data());
+        if (!packed) pack_rows(v, j0, cols, dv_pad, ws.values.data());
         values = {ws.values.data(), cols * K::kCols, 0};
       }
       // A partial tile's zero weights must not meet a NaN or Inf value (0 * NaN), so they are skipped, which costs
@@ -381,38 +416,78 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
           kind == TileKind::kPartial && !(values_in_place ? all_finite(v.row(j0), cols, dv, v.row_stride)
                                                           : all_finite(ws.values.data(), 1, cols * dv_pad, 0));
       if (skip_zeros)
-        tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                              ws.alpha.data(), {nullptr, limits.depth}, &ws.ahead);
+        tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, acc, dv_pad, alpha,
+                              {nullptr, limits.depth}, &ws.ahead);
       else
-        tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, ws.acc.data(), dv_pad,
-                               ws.alpha.data(), {nullptr, limits.depth}, &ws.ahead);
+        tile_product<S, false>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, acc, dv_pad, alpha,
+                               {nullptr, limits.depth}, &ws.ahead);
     };
-    ws.spans.clear();
-    if (key_begin < key_end) mask.key_spans(i0, rows, KeyRange{key_begin, key_end}, ws.spans);
-    const KeyRange before = i0 > 0 ? intersect(mask.row_range(i0 - 1), keys) : KeyRange{0, 0};
-    const Index seen_end = before.empty() ? 0 : before.end;
-    for (size_t s = 0; s < ws.spans.size(); ++s)
-      for (Index j0 = ws.spans[s].begin; j0 < ws.spans[s].end; j0 += plan.cols) {
-        const Index cols = std::min(plan.cols, ws.spans[s].end - j0);
-        KeyRange next{j0 + cols, std::min(ws.spans[s].end, j0 + cols + plan.cols)};  // the next key tile, if any
-        if (next.empty() && s + 1 < ws.spans.size())
-          next = {ws.spans[s + 1].begin, std::min(ws.spans[s + 1].end, ws.spans[s + 1].begin + plan.cols)};
-        fetch_next(next.empty() ? nullptr : &next, i0 + rows, rows, seen_end, key_end, cols, ws);
-        run_key_tile(j0, cols);
-      }
 
-    for (Index r = 0; r < rows; ++r) {
-      const S inv = weights.finish(i0 + r, ws.stats[r]);
+    // Walks the key tiles of rows [r0, r0 + rows) (several query tiles when `shared`, each key tile then packed
+    // once for all of them): the tiles of each key span, cols at a time from the span's start.
+    const auto walk = [&](Index r0, Index rows, bool shared) {
+      const KeyRange hull = hull_of(r0, rows);
+      ws.spans.clear();
+      if (!hull.empty()) mask.key_spans(b0 + r0, rows, hull, ws.spans);
+      const Index i0 = b0 + r0;
+      const KeyRange before = i0 > 0 ? intersect(mask.row_range(i0 - 1), keys) : KeyRange{0, 0};
+      const Index seen_end = before.empty() ? 0 : before.end;
+      for (size_t s = 0; s < ws.spans.size(); ++s)
+        for (Index j0 = ws.spans[s].begin; j0 < ws.spans[s].end; j0 += plan.cols) {
+          const Index cols = std::min(plan.cols, ws.spans[s].end - j0);
+          KeyRange next{j0 + cols, std::min(ws.spans[s].end, j0 + cols + plan.cols)};  // the next key tile, if any
+          if (next.empty() && s + 1 < ws.spans.size())
+            next = {ws.spans[s + 1].begin, std::min(ws.spans[s + 1].end, ws.spans[s + 1].begin + plan.cols)};
+          fetch_next(next.empty() ? nullptr : &next, i0 + rows, rows, seen_end, hull.end, cols, ws);
+          if (!shared) {
+            run_key_tile(r0, rows, j0, cols, false);
+            continue;
+          }
+          if (values_in_place)  // as in run_key_tile, for the first query tile
+            for (Index j = j0; j < j0 + cols; ++j) prefetch_row(v.row(j), dv);
+          pack_transposed(k, j0, cols, round_up(cols, K::kPacket), ws.keys.data());
+          if (!values_in_place) pack_rows(v, j0, cols, dv_pad, ws.values.data());
+          for (Index t0 = r0; t0 < r0 + rows; t0 += plan.rows)
+            run_key_tile(t0, std::min(plan.rows, r0 + rows - t0), j0, cols, true);
+        }
+    };
+    // The query tiles share the block's key tiles when every one of them walks the same tiles as the block, cut
+    // short: all their key ranges start at one key and the mask walks each hull as one span (dense, causal, key
+    // padding). Then a tile's results are bit for bit those of its own walk (a key tile past a tile's keys is empty
+    // for it, and the one holding its last keys gives them the same products and sums); otherwise each walks alone.
+    bool shared = brows > plan.rows && !short_queries;
+    const KeyRange block_hull = hull_of(0, brows);
+    for (Index t0 = 0; shared && t0 < brows; t0 += plan.rows) {
+      const Index rows = std::min(plan.rows, brows - t0);
+      const KeyRange h = hull_of(t0, rows);
+      if (h.empty()) continue;
+      ws.spans.clear();
+      mask.key_spans(b0 + t0, rows, h, ws.spans);
+      shared = h.begin == block_hull.begin && ws.spans.size() == 1 && ws.spans[0].begin == h.begin &&
+               ws.spans[0].end == h.end;
+    }
+    if (shared) {
+      ws.spans.clear();
+      mask.key_spans(b0, brows, block_hull, ws.spans);
+      shared = ws.spans.size() == 1 && ws.spans[0].begin == block_hull.begin && ws.spans[0].end == block_hull.end;
+    }
+    if (shared)
+      walk(0, brows, true);
+    else
+      for (Index t0 = 0; t0 < brows; t0 += plan.rows) walk(t0, std::min(plan.rows, brows - t0), false);
+
+    for (Index r = 0; r < brows; ++r) {
+      const S inv = weights.finish(b0 + r, ws.stats[size_t(r)]);
       const S* a = ws.acc.data() + r * dv_pad;
-      S* dst = out.row(i0 + r);
+      S* dst = out.row(b0 + r);
       store_scaled(a, inv, dv, dst, from_memory);
-      if (out.lse) out.lse[(i0 + r) * out.lse_stride] = ws.stats[r].log_sum_exp();
+      if (out.lse) out.lse[(b0 + r) * out.lse_stride] = ws.stats[size_t(r)].log_sum_exp();
     }
     if (from_memory) stream_fence();
   };
   if (workspace) {
     workspace->fit(plan, d, dv, !short_queries, !values_in_place);
-    for (Index t = 0; t < tiles; ++t) run_tile(t, *workspace);
+    for (Index t = 0; t < blocks; ++t) run_block(t, *workspace);
     return;
   }
   const auto make_workspace = [&] {
@@ -420,7 +495,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     ws.get().fit(plan, d, dv, !short_queries, !values_in_place);
     return ws;
   };
-  parallel_for(tiles, o.threads, make_workspace, [&](Index t, CachedWorkspace<S>& ws) { run_tile(t, ws.get()); });
+  parallel_for(blocks, o.threads, make_workspace, [&](Index t, CachedWorkspace<S>& ws) { run_block(t, ws.get()); });
 }
 
 /// Folds a partial result (part, part_lse) over more keys into (out, lse), both normalised over their own keys: with
@@ -519,8 +594,8 @@ Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk
     return heap_bytes<S>(count * chunks * rows * dv) + heap_bytes<S>(count * chunks * rows) +
            std::min(threads, chunks) * workspace;
   }
-  const Index tiles = (rows + plan.rows - 1) / plan.rows;
-  const Index workers = one_thread_each ? std::min(threads, count) : std::min(threads, tiles);
+  const Index blocks = (rows + plan.rows * plan.group - 1) / (plan.rows * plan.group);
+  const Index workers = one_thread_each ? std::min(threads, count) : std::min(threads, blocks);
   return heap_bytes<const void*>(count) + std::max<Index>(workers, 1) * workspace;
 }
 

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -247,6 +248,35 @@ void check_store_scaled() {
               << "streaming " << streaming << " offset " << offset << " count " << count << " at " << i;
         }
       }
+}
+
+// The decoding score kernel (a few queries, key rows read in place), with and without fetching the key rows ahead:
+// the same scores bit for bit, equal to double dot products, zeros past the keys up to a whole packet; blocks that end
+// mid-packet, the last keys of the matrix (nothing is fetched past them) and keys in a wider matrix.
+TEST(ShortQueryScores, FetchingKeysAheadChangesNothingAndScoresEqualDoubleDots) {
+  for (const Index d : {1, 16, 37, 64})
+    for (const Index rows : {1, 4, 6}) {
+      const Index m = 203, wide = d + 5, lds = 224;
+      std::vector<float> q(size_t(rows * d)), keys(size_t(m * wide));
+      for (size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * float(i) + 1.f);
+      for (size_t i = 0; i < keys.size(); ++i) keys[i] = std::cos(0.23f * float(i));
+      const StridedView<float> k{keys.data() + 2, m, d, wide, 1};
+      for (const auto& [j0, cols] : {std::pair<Index, Index>{0, 203}, {5, 37}, {160, 43}, {190, 13}}) {
+        std::vector<float> plain(size_t(rows * lds), -1.f), ahead(plain);
+        short_query_scores(q.data(), d, rows, k, j0, cols, plain.data(), lds, false);
+        short_query_scores(q.data(), d, rows, k, j0, cols, ahead.data(), lds, true);
+        EXPECT_EQ(plain, ahead) << "d " << d << " rows " << rows << " j0 " << j0;
+        for (Index r = 0; r < rows; ++r) {
+          for (Index c = 0; c < cols; ++c) {
+            double dot = 0;
+            for (Index t = 0; t < d; ++t) dot += double(q[size_t(r * d + t)]) * double(k(j0 + c, t));
+            EXPECT_NEAR(ahead[size_t(r * lds + c)], dot, 1e-5 * (1 + std::abs(dot))) << "r " << r << " c " << c;
+          }
+          for (Index c = cols; c < round_up(cols, KernelShape<float>::kPacket); ++c)
+            EXPECT_EQ(ahead[size_t(r * lds + c)], 0.f);
+        }
+      }
+    }
 }
 
 TEST(StoreScaled, WritesExactlyTheScaledRowAtAnyOffsetStreamingOrNot) {

@@ -334,7 +334,7 @@ TYPED_TEST(SdpaTest, QueryTilesSharingPackedKeyTilesGiveTheirOwnResults) {
       cases[1].causal = true;
       cases[2].key_length = m - 11;  // the last 11 keys and values are NaN: padding must hide them
       cases[3].causal = true, cases[3].key_length = m - 11;
-      cases[4].key_tile = 80;  // ragged key tiles, and the bias below
+      cases[4].key_tile = 80;      // ragged key tiles, and the bias below
       cases[5].window_left = 100;  // query tiles of a window see different key tiles: no sharing
       for (size_t c = 0; c < cases.size(); ++c) {
         AttentionOptions o = cases[c];
@@ -348,12 +348,12 @@ TYPED_TEST(SdpaTest, QueryTilesSharingPackedKeyTilesGiveTheirOwnResults) {
         Matrix<S> k = k_clean, v = v_clean;
         if (o.key_length > 0) k.bottomRows(11).setConstant(nan), v.bottomRows(11).setConstant(nan);
         const bool biased = c == 4;
-        const Matrix<S> grouped = biased ? scaled_dot_product_attention(q, k, v, o, bias)
-                                         : scaled_dot_product_attention(q, k, v, o);
+        const Matrix<S> grouped =
+            biased ? scaled_dot_product_attention(q, k, v, o, bias) : scaled_dot_product_attention(q, k, v, o);
         AttentionOptions alone = o;
         alone.query_tile = plan.rows;
-        const Matrix<S> single = biased ? scaled_dot_product_attention(q, k, v, alone, bias)
-                                        : scaled_dot_product_attention(q, k, v, alone);
+        const Matrix<S> single =
+            biased ? scaled_dot_product_attention(q, k, v, alone, bias) : scaled_dot_product_attention(q, k, v, alone);
         EXPECT_EQ(std::memcmp(grouped.data(), single.data(), sizeof(S) * size_t(grouped.size())), 0);
         NaiveExtras x{biased ? &bias_d : nullptr, nullptr, {}, {}};
         const auto expected = naive_attention(q.template cast<double>(), k_clean.template cast<double>(),

@@ -303,7 +303,7 @@ bool use_short_query_scores(Index n, const StridedView<S>& k) {
 template <class S>
 void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k, Index j0, Index cols, S* s, Index lds,
                         bool ahead = false) {
-  // The rows to prefetch before the block of keys at c, [ahead_begin(c), ahead_end(c)). The loops stay in the
+  // The rows to prefetch before the block of keys at c: [ahead_begin(c), ahead_begin(c + block)). The loops stay in the
   // blocks' own loops: a helper made only of prefetches is free of effects as far as GCC can tell, and GCC 12 dropped
   // its calls when it was a lambda.
   constexpr Index kAheadKeys = 16;

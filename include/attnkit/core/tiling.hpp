@@ -67,8 +67,8 @@ Index key_tile_cols(Index m, Index d, Index dv, const AttentionOptions& o) {
 /// it, so the query tiles of a block, whose rows see the same key tiles, share each packed tile (dense, causal and
 /// key-padding masks; fused_attention checks). A block's queries and accumulators stay in L2 (at most 40% of it)
 /// across its key tiles, while each query tile keeps its own scores. With threads > 1 the blocks aim at a multiple of
-/// the thread count, and are as even as whole strips allow. Results never depend on it (a row's
-/// softmax and products do not depend on its tile), so it may follow the thread count.
+/// the thread count, and are as even as whole strips allow. Results never depend on it (a row's softmax and products
+/// do not depend on its tile), so it may follow the thread count.
 template <class S>
 TilePlan plan_tiles(Index n, Index m, Index d, Index dv, const AttentionOptions& o) {
   constexpr Index kRows = KernelShape<S>::kRows;

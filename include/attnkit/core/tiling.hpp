@@ -455,21 +455,18 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     // short: all their key ranges start at one key and the mask walks each hull as one span (dense, causal, key
     // padding). Then a tile's results are bit for bit those of its own walk (a key tile past a tile's keys is empty
     // for it, and the one holding its last keys gives them the same products and sums); otherwise each walks alone.
-    bool shared = brows > plan.rows && !short_queries;
     const KeyRange block_hull = hull_of(0, brows);
+    const auto walks_its_hull = [&](Index r0, Index rows, KeyRange h) {  // one span from block_hull's first key
+      ws.spans.clear();
+      mask.key_spans(b0 + r0, rows, h, ws.spans);
+      return h.begin == block_hull.begin && ws.spans.size() == 1 && ws.spans[0].begin == h.begin &&
+             ws.spans[0].end == h.end;
+    };
+    bool shared = brows > plan.rows && !short_queries && !block_hull.empty() && walks_its_hull(0, brows, block_hull);
     for (Index t0 = 0; shared && t0 < brows; t0 += plan.rows) {
       const Index rows = std::min(plan.rows, brows - t0);
       const KeyRange h = hull_of(t0, rows);
-      if (h.empty()) continue;
-      ws.spans.clear();
-      mask.key_spans(b0 + t0, rows, h, ws.spans);
-      shared = h.begin == block_hull.begin && ws.spans.size() == 1 && ws.spans[0].begin == h.begin &&
-               ws.spans[0].end == h.end;
-    }
-    if (shared) {
-      ws.spans.clear();
-      mask.key_spans(b0, brows, block_hull, ws.spans);
-      shared = ws.spans.size() == 1 && ws.spans[0].begin == block_hull.begin && ws.spans[0].end == block_hull.end;
+      shared = h.empty() || walks_its_hull(t0, rows, h);
     }
     if (shared)
       walk(0, brows, true);

@@ -147,6 +147,51 @@ TEST(OnlineSoftmax, FloatExponentialIsAccurateAndExactAtTheEnds) {
   }
 }
 
+// exp_shifted_sum and row_max on every length of a few packets, at every offset within a packet: each ragged end
+// (a masked packet where the CPU has masked loads, else a padded copy) gives what the whole packets give, -inf gives
+// exactly 0, NaN stays NaN, and nothing past the end is read into the result or written.
+TEST(OnlineSoftmax, RaggedEndsEqualWholePacketsAndLeaveWhatFollowsAlone) {
+  constexpr Index P = Eigen::internal::packet_traits<float>::size;
+  const float inf = std::numeric_limits<float>::infinity(), sentinel = 1e30f;
+  const Matrix<float> logits = testing::random_matrix<float>(1, 4 * P + 8, 11, 3.0);
+  for (Index offset = 0; offset < P; ++offset)
+    for (Index count = 1; count <= 3 * P + 1; ++count) {
+      std::vector<float> row(size_t(offset + count + P), sentinel);
+      for (Index c = 0; c < count; ++c) row[size_t(offset + c)] = c % 7 == 3 ? -inf : logits(0, c);
+      float* x = row.data() + offset;
+      double best = -inf;
+      for (Index c = 0; c < count; ++c) best = std::max(best, double(x[c]));
+      ASSERT_EQ(row_max(x, count), float(best)) << "count " << count << " offset " << offset;
+      const float shift = row_max(x, count) + 0.5f;
+      std::vector<float> before(x, x + count);
+      // exp_below's documented accuracy (see FloatExponentialIsAccurateAndExactAtTheEnds), and a rounding per add.
+      const auto bound = [](double t) { return 1.3 * 0x1p-23 + std::abs(t) * 2.5 * 0x1p-24; };
+      double expect = 0, sum_bound = 0;
+      for (float v : before) {
+        const double t = double(v) - double(shift), e = v == -inf ? 0.0 : std::exp(t);
+        expect += e, sum_bound += v == -inf ? 0.0 : bound(t) * e;
+      }
+      const float sum = exp_shifted_sum(x, count, shift);
+      EXPECT_NEAR(sum, expect, sum_bound + double(count) * 0x1p-24 * expect) << "count " << count << " offset " << offset;
+      for (Index c = 0; c < count; ++c) {
+        if (before[size_t(c)] == -inf) {
+          EXPECT_EQ(x[c], 0.f) << "count " << count << " c " << c;
+        } else {
+          const double t = double(before[size_t(c)]) - double(shift), e = std::exp(t);
+          EXPECT_NEAR(x[c], e, bound(t) * e) << "count " << count << " c " << c;
+        }
+      }
+      for (Index c = count; c < count + P; ++c) EXPECT_EQ(x[c], sentinel) << "count " << count << " past " << c;
+      for (Index c = 0; c < offset; ++c) EXPECT_EQ(row[size_t(c)], sentinel);
+    }
+  // A NaN in the ragged end reaches the sum; the max of a row whose last, ragged element is the largest finds it.
+  std::vector<float> row(size_t(P + 3), -1.f);
+  row[size_t(P + 2)] = 5.f;
+  EXPECT_EQ(row_max(row.data(), P + 3), 5.f);
+  row[size_t(P + 2)] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(std::isnan(exp_shifted_sum(row.data(), P + 3, 0.f)));
+}
+
 // The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
 // query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
 TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {

@@ -60,10 +60,32 @@ Packet exp_shifted(const Packet& x, const Packet& shift) {
   }
 }
 
+/// Whether S's packets load and store their first lanes under a mask (AVX and AVX-512 floats).
+template <class S>
+constexpr bool kMaskedTail =
+    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_load_available &&
+    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_store_available;
+
+/// The first `count` lanes (count < the packet size) of a packet of S: as a load/store mask, and as a packet whose
+/// lanes are all ones there and zero elsewhere.
+template <class S>
+auto tail_mask(Index count) {
+  using Packet = typename Eigen::internal::packet_traits<S>::type;
+  return static_cast<typename Eigen::internal::unpacket_traits<Packet>::mask_t>((1u << count) - 1u);
+}
+template <class S>
+auto tail_lanes(Index count) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  return pcmp_lt(plset<Packet>(S(0)), pset1<Packet>(S(count)));
+}
+
 /// x[c] = exp(x[c] - shift) for c < count, returning the sum. A -inf logit (masked) becomes exactly 0: a vectorised
 /// exp that clamped its argument would give a tiny denormal, and a masked NaN value times a denormal is still NaN.
-/// One pass, packet by packet; a ragged end (a diagonal tile's rows) is one more packet padded with -inf, not
-/// count % P scalar exps (each as dear as a packet).
+/// One pass, packet by packet; a ragged end (a diagonal tile's or a band's rows) is one more packet, not count % P
+/// scalar exps (each as dear as a packet): a masked load and store where the CPU has them (the rows of a band were
+/// 13-28% faster, 129 and 100 keys, than through a copy padded with -inf), else that padded copy. Its lanes past
+/// the end add exactly 0 to the sum either way.
 template <class S>
 S exp_shifted_sum(S* x, Index count, S shift) {
   using namespace Eigen::internal;
@@ -91,12 +113,19 @@ S exp_shifted_sum(S* x, Index count, S shift) {
       sum = padd(sum, e);
     }
     if (c < count) {
-      S tail[P];
-      std::fill(std::copy(x + c, x + count, tail), tail + P, kNegInf);
-      const Packet e = exp_shifted(ploadu<Packet>(tail), m);
-      pstoreu(tail, e);
-      std::copy(tail, tail + (count - c), x + c);
-      sum = padd(sum, e);
+      if constexpr (kMaskedTail<S>) {
+        const auto mask = tail_mask<S>(count - c);
+        const Packet e = pand(exp_shifted(ploadu<Packet>(x + c, mask), m), tail_lanes<S>(count - c));
+        pstoreu(x + c, e, mask);
+        sum = padd(sum, e);
+      } else {
+        S tail[P];
+        std::fill(std::copy(x + c, x + count, tail), tail + P, kNegInf);
+        const Packet e = exp_shifted(ploadu<Packet>(tail), m);
+        pstoreu(tail, e);
+        std::copy(tail, tail + (count - c), x + c);
+        sum = padd(sum, e);
+      }
     }
     return predux(sum);
   }
@@ -119,6 +148,13 @@ S row_max(const S* x, Index count) {
       m2 = pmax(m2, ploadu<Packet>(x + c + 2 * P)), m3 = pmax(m3, ploadu<Packet>(x + c + 3 * P));
     }
     for (; c + P <= count; c += P) m0 = pmax(m0, ploadu<Packet>(x + c));
+    if constexpr (kMaskedTail<S>) {
+      if (c < count) {  // the lanes past the end are -inf
+        m1 = pmax(m1, pselect(tail_lanes<S>(count - c), ploadu<Packet>(x + c, tail_mask<S>(count - c)),
+                              pset1<Packet>(kNegInf)));
+        c = count;
+      }
+    }
     best = predux_max(pmax(pmax(m0, m1), pmax(m2, m3)));
   }
   for (; c < count; ++c) best = std::max(best, x[c]);

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -44,6 +45,22 @@ struct KernelShape {
 
 constexpr Index round_up(Index x, Index to) { return (x + to - 1) / to * to; }
 
+/// a * b + c for the micro-kernel. Packets go through Eigen's pmadd (one FMA instruction where the CPU has them).
+/// Scalars (EIGEN_DONT_VECTORIZE) are fused by std::fma where the CPU fuses them fast (FP_FAST_FMA / FP_FAST_FMAF):
+/// left to the compiler, `acc = beta * c` followed by `acc = a * b + acc` may be contracted either way round
+/// (fma(a, b, beta * c) or fma(beta, c, a * b): GCC's default -ffp-contract=fast with -march=native did both, in
+/// different instantiations), so a row's result depended on the shape of its strip, and so on the thread count.
+template <class Packet>
+inline Packet madd(const Packet& a, const Packet& b, const Packet& c) {
+#if defined(FP_FAST_FMAF)
+  if constexpr (std::is_same_v<Packet, float>) return std::fma(a, b, c);
+#endif
+#if defined(FP_FAST_FMA)
+  if constexpr (std::is_same_v<Packet, double>) return std::fma(a, b, c);
+#endif
+  return Eigen::internal::pmadd(a, b, c);
+}
+
 /// C = beta .* C + A B for one R x (NP packets) block (R <= kRows): A is R rows at stride lda, B is depth rows of
 /// NP * kPacket contiguous values at stride ldb. beta == nullptr means C = A B (C is not read). With kSkipZeros, a zero
 /// a(r, k) contributes nothing even when row k of B holds NaN or Inf: that is how masked values stay unread in spirit.
@@ -72,7 +89,7 @@ inline void micro_kernel(const S* a, Index lda, const S* b, Index ldb, Index dep
       }
       const Packet av = pset1<Packet>(ark);
       ATTNKIT_UNROLL
-      for (int p = 0; p < NP; ++p) acc[r][p] = pmadd(av, bk[p], acc[r][p]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = madd(av, bk[p], acc[r][p]);
     }
   }
   ATTNKIT_UNROLL

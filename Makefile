@@ -1,10 +1,11 @@
 # attnkit: the README's two commands.
 #   make test    installs what is missing, then configures, builds and runs every test
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
-# Other targets: test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under
-# ThreadSanitizer), fuzz (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke run),
-# bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), bench-readme (publish a full run in the
-# README and docs/benchmarks), clean.
+# Other targets: test-native (the tests built with -march=native, so the AVX2 / AVX-512 code paths run too),
+# test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under ThreadSanitizer), fuzz
+# (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke run), bench-compare
+# BASE=... NEW=... (per-benchmark time ratios of two runs), bench-readme (publish a full run in the README and
+# docs/benchmarks), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 FUZZ_PACKAGES := clang libclang-rt-14-dev
@@ -15,7 +16,7 @@ BENCH_BINARIES := bench_sdpa bench_multi_head bench_sparse bench_linear bench_sy
 BENCH_FILTER ?= .
 BENCH_MIN_TIME ?= 0.2
 
-.PHONY: test test-asan test-tsan fuzz bench bench-quick bench-compare bench-readme deps clean
+.PHONY: test test-native test-asan test-tsan fuzz bench bench-quick bench-compare bench-readme deps clean
 
 deps:
 	@missing=""; \
@@ -34,6 +35,11 @@ test: deps
 	cmake --preset default
 	cmake --build --preset default
 	ctest --preset default
+
+test-native: deps
+	cmake --preset native
+	cmake --build --preset native
+	ctest --preset native
 
 test-asan: deps
 	cmake --preset asan

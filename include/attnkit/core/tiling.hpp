@@ -334,7 +334,12 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   // softmax state and accumulator live for the block's whole walk over its key tiles.
   auto run_block = [&](Index b, AttentionWorkspace<S>& ws) {
     const Index b0 = b * block_rows, brows = std::min(block_rows, n - b0);
+    // The query rows of a gathered view (a sparse residue class: rows k apart) come from wherever they are, one row's
+    // loads after another: fetching 16 rows ahead took 0.93-0.99x the time of atrous(128) at n = 65536 (strided(128)
+    // 0.95-0.97x), and changed nothing for rows the hardware prefetcher follows.
+    constexpr Index kQueriesAhead = 16;
     for (Index r = 0; r < brows; ++r) {
+      if (q.row_contiguous() && r + kQueriesAhead < brows) prefetch_row(q.row(b0 + r + kQueriesAhead), d);
       ws.ranges[r] = intersect(mask.row_range(b0 + r), keys);
       const S row_scale = mask.row_scale(b0 + r, scale);
       S* qrow = ws.queries.data() + r * d;

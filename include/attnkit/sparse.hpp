@@ -639,7 +639,11 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
                             &part.workspace.get());
           else
             run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
+          // The output rows of a residue class are k rows apart: each is fetched 8 rows ahead of its merge
+          // (strided(128) at n = 65536: 0.97-0.98x the time).
+          constexpr Index kRowsAhead = 8;
           for (Index s = 0; s < rows; ++s) {
+            if (s + kRowsAhead < rows) prefetch_row<3, true>(out.row(call.mask.query_map()(s + kRowsAhead)), dv);
             const Index i = call.mask.query_map()(s);
             merge_into(out.row(i), lse[i], part.out.data() + s * dv, part.lse[s], dv);
           }

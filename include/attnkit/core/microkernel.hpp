@@ -123,12 +123,12 @@ struct RhsPanels {
   Index row_stride;
 };
 
-/// Prefetches the `count` scalars from `p` (one row) for reading: into L2 (and L3) with the default locality 2, into
-/// L1 as well with 3.
-template <int kLocality = 2, class S>
+/// Prefetches the `count` scalars from `p` (one row) for reading (or, kForWrite, for writing): into L2 (and L3) with
+/// the default locality 2, into L1 as well with 3.
+template <int kLocality = 2, bool kForWrite = false, class S>
 inline void prefetch_row(const S* p, Index count) {
 #if defined(__GNUC__)
-  for (Index c = 0; c < count; c += 64 / Index(sizeof(S))) __builtin_prefetch(p + c, 0, kLocality);
+  for (Index c = 0; c < count; c += 64 / Index(sizeof(S))) __builtin_prefetch(p + c, kForWrite ? 1 : 0, kLocality);
 #else
   (void)p, (void)count;
 #endif

@@ -302,15 +302,17 @@ TEST(ShortQueryScores, FetchingKeysAheadChangesNothingAndScoresEqualDoubleDots) 
   for (const Index d : {1, 16, 37, 64})
     for (const Index rows : {1, 4, 6}) {
       const Index m = 203, wide = d + 5, lds = 224;
-      std::vector<float> q(size_t(rows * d)), keys(size_t(m * wide));
+      std::vector<float> q(size_t(rows * d)), keys(size_t(m * wide)), vals(size_t(m * 9));
       for (size_t i = 0; i < q.size(); ++i) q[i] = std::sin(0.37f * float(i) + 1.f);
       for (size_t i = 0; i < keys.size(); ++i) keys[i] = std::cos(0.23f * float(i));
-      const StridedView<float> k{keys.data() + 2, m, d, wide, 1};
+      const StridedView<float> k{keys.data() + 2, m, d, wide, 1}, v{vals.data(), m, 7, 9, 1};
       for (const auto& [j0, cols] : {std::pair<Index, Index>{0, 203}, {5, 37}, {160, 43}, {190, 13}}) {
-        std::vector<float> plain(size_t(rows * lds), -1.f), ahead(plain);
+        std::vector<float> plain(size_t(rows * lds), -1.f), ahead(plain), with_values(plain);
         short_query_scores(q.data(), d, rows, k, j0, cols, plain.data(), lds, false);
         short_query_scores(q.data(), d, rows, k, j0, cols, ahead.data(), lds, true);
+        short_query_scores(q.data(), d, rows, k, j0, cols, with_values.data(), lds, true, &v);
         EXPECT_EQ(plain, ahead) << "d " << d << " rows " << rows << " j0 " << j0;
+        EXPECT_EQ(plain, with_values) << "d " << d << " rows " << rows << " j0 " << j0;
         for (Index r = 0; r < rows; ++r) {
           for (Index c = 0; c < cols; ++c) {
             double dot = 0;

@@ -314,24 +314,30 @@ bool use_short_query_scores(Index n, const StridedView<S>& k) {
 /// tile of a few queries (a decoding step) read straight from the key rows, without packing K^T. Packing a tile costs
 /// more than a few rows' products with it, so decoding spent most of its time there. Each row takes the keys kPacket
 /// at a time, one packet of partial products per key, folded into one packet of sums: by fold_sums for AVX-512
-/// floats, elsewhere by an in-register transpose and kPacket - 1 adds. q is rows x d at stride d. With `ahead`, the
-/// key rows kAheadKeys past each block are prefetched into L1 before the block: keys streamed from memory
-/// (m = 65536, d = 64, one query: 0.67-0.69x the time on Zen 4) but not those in the caches (1.07-1.32x).
+/// floats, elsewhere by an in-register transpose and kPacket - 1 adds. q is rows x d at stride d. With `ahead` (keys
+/// streamed from memory), the key rows kAheadKeys past each block are prefetched into L2 before the block, and with
+/// `values` too (rows in place, which the P V product reads next) the value rows of the block itself. For one query
+/// at m = 65536 on Zen 4 (minima): 16 keys ahead into L1 took 0.67-0.69x the time of no prefetch at d = 64; 64 keys
+/// ahead into L2 with the values then took 0.67-0.85x the time of that at d = 128 (one and two threads; the L1's few
+/// outstanding misses had limited it), 0.88-1.0x at d = 64 (within this host's noise), and 0.76x for the decode step
+/// of a 1024 / 16 / 4 layer over 16384 cached tokens. Keys in the caches are not fetched: 1.07-1.32x slower there.
 template <class S>
 void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k, Index j0, Index cols, S* s, Index lds,
-                        bool ahead = false) {
-  // The rows to prefetch before the block of keys at c: [ahead_begin(c), ahead_begin(c + block)). The loops stay in the
-  // blocks' own loops: a helper made only of prefetches is free of effects as far as GCC can tell, and GCC 12 dropped
-  // its calls when it was a lambda.
-  constexpr Index kAheadKeys = 16;
-  const Index ahead_rows = ahead ? k.rows : 0;
+                        bool ahead = false, const StridedView<S>* values = nullptr) {
+  // The rows to prefetch before the block of keys at c: keys [ahead_begin(c), ahead_begin(c + block)), values
+  // [values_begin(c), values_begin(c + block)). The loops stay in the blocks' own loops: a helper made only of
+  // prefetches is free of effects as far as GCC can tell, and GCC 12 dropped its calls when it was a lambda.
+  constexpr Index kAheadKeys = 64;
+  const Index ahead_rows = ahead ? k.rows : 0, values_end = ahead && values ? j0 + cols : j0;
   const auto ahead_begin = [&](Index c) { return std::min(ahead_rows, j0 + c + kAheadKeys); };
+  const auto values_begin = [&](Index c) { return std::min(values_end, j0 + c); };
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<S, float>) {
     const Index whole = d / 16 * 16;
     const __mmask16 tail = __mmask16((1u << (d - whole)) - 1u);
     for (Index c = 0; c < cols; c += 16) {
-      for (Index j = ahead_begin(c), end = ahead_begin(c + 16); j < end; ++j) prefetch_row<3>(k.row(j), d);
+      for (Index j = ahead_begin(c), end = ahead_begin(c + 16); j < end; ++j) prefetch_row(k.row(j), d);
+      for (Index j = values_begin(c), end = values_begin(c + 16); j < end; ++j) prefetch_row(values->row(j), values->cols);
       const Index keys = std::min<Index>(16, cols - c);
       const float* kr[16];
       for (Index j = 0; j < 16; ++j) kr[j] = k.row(j0 + c + std::min(j, keys - 1));  // a short block repeats its last
@@ -359,7 +365,8 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
   constexpr int P = KernelShape<S>::kPacket;
   const Index whole = d / P * P;
   for (Index c = 0; c < cols; c += P) {
-    for (Index j = ahead_begin(c), end = ahead_begin(c + P); j < end; ++j) prefetch_row<3>(k.row(j), d);
+    for (Index j = ahead_begin(c), end = ahead_begin(c + P); j < end; ++j) prefetch_row(k.row(j), d);
+    for (Index j = values_begin(c), end = values_begin(c + P); j < end; ++j) prefetch_row(values->row(j), values->cols);
     const Index keys = std::min<Index>(P, cols - c);
     const S* kr[P];
     for (Index j = 0; j < P; ++j) kr[j] = k.row(j0 + c + std::min(j, keys - 1));

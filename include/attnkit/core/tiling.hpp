@@ -384,7 +384,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       if (values_in_place && !short_queries && !packed)
         for (Index j = j0; j < j0 + cols; ++j) prefetch_row(v.row(j), dv);
       if (short_queries) {
-        short_query_scores(qrows, d, rows, k, j0, cols, ws.scores.data(), cols_pad, keys_ahead);
+        short_query_scores(qrows, d, rows, k, j0, cols, ws.scores.data(), cols_pad, keys_ahead,
+                           values_in_place ? &v : nullptr);
       } else {
         if (!packed) pack_transposed(k, j0, cols, cols_pad, ws.keys.data());
         tile_product<S, false>(qrows, d, rows, RhsPanels<S>{ws.keys.data(), d * K::kCols, 0}, d, cols_pad,

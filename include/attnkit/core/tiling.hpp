@@ -289,8 +289,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const bool from_memory =
       streams_past_cache(Index(sizeof(S)) * ((n + m) * d + (n + m) * dv), Index(sizeof(S)) * n * dv);
   // A decoding step whose keys and values (the memory their rows span: a KV cache's rows hold every head) exceed
-  // 3/4 of the last-level cache reads its keys a block ahead of its scores; for keys in the caches that measured
-  // slower (1.07-1.32x at m = 4096), from DRAM faster (0.67-0.85x at m = 65536).
+  // 3/4 of the last-level cache reads its keys ahead of its scores, and its values (in place) while the scores run
+  // (short_query_scores); for keys in the caches that measured slower (1.07-1.32x at m = 4096), from DRAM faster.
   const bool keys_ahead =
       short_queries && Index(sizeof(S)) * (k.rows * std::max(k.row_stride, d) + v.rows * std::max(v.row_stride, dv)) >
                            last_level_cache_bytes() / 4 * 3;
@@ -379,8 +379,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       S* const qrows = ws.queries.data() + r0 * d;
       S* const acc = ws.acc.data() + r0 * dv_pad;
       S* const alpha = ws.alpha.data() + r0;
-      // The P V product reads these rows in place: fetch them while Q K^T runs. Not for a decoding step, whose
-      // burst of prefetches ahead of its short products made it 1.3x slower.
+      // The P V product reads these rows in place: fetch them while Q K^T runs. Not in one burst for a decoding step
+      // (1.3x slower ahead of its short products): short_query_scores spreads them over its blocks of keys.
       if (values_in_place && !short_queries && !packed)
         for (Index j = j0; j < j0 + cols; ++j) prefetch_row(v.row(j), dv);
       if (short_queries) {

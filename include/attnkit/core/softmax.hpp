@@ -8,6 +8,13 @@
 
 #include "types.hpp"
 
+// Packet types carry vector attributes that GCC drops, with a warning, when they are template arguments (the mask
+// types of the ragged row ends); as in microkernel.hpp, silenced for this header only.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 namespace attnkit::detail {
 
 /// Running statistics of one softmax row over the keys seen so far: max m and sum l = sum_j exp(s_j - m).
@@ -187,3 +194,7 @@ S online_softmax_step(S* logits, Index count, SoftmaxState<S>& state) {
 }
 
 }  // namespace attnkit::detail
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

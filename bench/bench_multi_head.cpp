@@ -97,6 +97,11 @@ void BM_MhaDecodeStep(benchmark::State& state) {
   });
   const double kv_bytes = 2.0 * double(cached + 1) * double(s.kv_heads * d) * sizeof(float);
   report_kv_rate(state, kv_bytes, detail::resolve_threads(0));
+  // A step also reads every projection weight once: with them, the bytes it must bring in per step, against a plain
+  // read of as many (step_GBps, pct_step_read_bw). Past the last-level cache that is the bound of a decoding step.
+  const double weight_bytes =
+      double(layer.w_q.size() + layer.w_k.size() + layer.w_v.size() + layer.w_o.size()) * sizeof(float);
+  report_read_rate(state, kv_bytes + weight_bytes, detail::resolve_threads(0), "step_GBps", "pct_step_read_bw");
 }
 
 void layer_shapes(benchmark::internal::Benchmark* b, const std::vector<int64_t>& lengths) {

@@ -47,11 +47,16 @@ double fma_peak_flops_per_core();
 /// benchmarks report their K/V rate against it (pct_read_bw): 100% is the most the memory system gives a plain read.
 double read_bytes_per_second(Index bytes, int threads);
 
+/// Reports `rate` (GB/s of `bytes` read per call) and `pct` (percent of the streaming read of as many bytes).
+inline void report_read_rate(benchmark::State& state, double bytes, int threads, const char* rate, const char* pct) {
+  state.counters[rate] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters[pct] = benchmark::Counter(100.0 * bytes / read_bytes_per_second(Index(bytes), threads),
+                                           benchmark::Counter::kIsIterationInvariantRate);
+}
+
 /// Reports KV_GBps (`bytes` of K and V per call) and pct_read_bw against the streaming read of as many bytes.
 inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
-  state.counters["KV_GBps"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["pct_read_bw"] = benchmark::Counter(100.0 * bytes / read_bytes_per_second(Index(bytes), threads),
-                                                     benchmark::Counter::kIsIterationInvariantRate);
+  report_read_rate(state, bytes, threads, "KV_GBps", "pct_read_bw");
 }
 
 /// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.

@@ -299,7 +299,8 @@ TYPED_TEST(SparseTest, ZeroValueColumnsWithGatheredTerms) {
   const Matrix<S> q = random_matrix<S>(37, 2, 1), k = random_matrix<S>(11, 2, 2), v(11, 0);
   AttentionOptions o;
   o.align = CausalAlign::kTopLeft, o.window_left = 3, o.key_length = 4;
-  for (const SparsePattern& p : {SparsePattern::strided(4), SparsePattern::local_atrous(3), SparsePattern::fixed(4, 1)}) {
+  for (const SparsePattern& p : {SparsePattern::strided(4), SparsePattern::local_atrous(3), SparsePattern::fixed(4, 1),
+                                 SparsePattern::atrous(3)}) {
     const Matrix<S> out = sparse_attention(q, k, v, p, o);
     EXPECT_EQ(out.rows(), 37);
     EXPECT_EQ(out.cols(), 0);
@@ -338,6 +339,53 @@ TYPED_TEST(SparseTest, WritesIntoCallersBufferAndReadsMaps) {
   sparse_attention(q, k, v, out, p);
   const Matrix<S> expected = reference::sparse_attention(Matrix<S>(q), Matrix<S>(k), Matrix<S>(v), p);
   EXPECT_TRUE(all_close(out, expected.template cast<double>(), attention_tolerance<S>(n) * 4));
+}
+
+// Patterns with no direct term (atrous alone, unions of them) let the first gathered term's calls write their rows of
+// the caller's output in place, k rows apart; later terms merge into them. Into a block of a larger buffer: every
+// row right, the rest of the buffer untouched, rows whose residue class has no key zero, any thread count alike.
+TYPED_TEST(SparseTest, GatheredOnlyPatternsWriteTheirRowsInPlace) {
+  using S = TypeParam;
+  struct Shape {
+    SparsePattern pattern;
+    Index n, m;
+  };
+  const std::vector<Shape> shapes = {{SparsePattern::atrous(1), 4500, 4500},  // a class of more than 4096 rows
+                                     {SparsePattern::atrous(7), 301, 301},
+                                     {SparsePattern::atrous(3, 10), 97, 131},
+                                     {SparsePattern::atrous(3) | SparsePattern::atrous(2), 259, 259},
+                                     {SparsePattern::atrous(10), 23, 3}};  // 7 of 10 classes without a key
+  const S sentinel = S(7.25);
+  for (const Shape& sh : shapes) {
+    for (const bool causal : {false, true}) {
+      SCOPED_TRACE("n=" + std::to_string(sh.n) + " m=" + std::to_string(sh.m) + (causal ? " causal" : ""));
+      const Index dv = 5;
+      const Matrix<S> q = random_matrix<S>(sh.n, 8, 1), k = random_matrix<S>(sh.m, 8, 2),
+                      v = random_matrix<S>(sh.m, dv, 3);
+      AttentionOptions o;
+      o.causal = causal;
+      o.align = CausalAlign::kTopLeft;
+      const MatD expected = reference::sparse_attention(q.template cast<double>().eval(),
+                                                        k.template cast<double>().eval(),
+                                                        v.template cast<double>().eval(), sh.pattern, o);
+      Matrix<S> first;
+      for (const int threads : {1, 2}) {
+        o.threads = threads;
+        Matrix<S> buffer = Matrix<S>::Constant(sh.n + 3, dv + 4, sentinel);
+        sparse_attention(q, k, v, buffer.block(2, 1, sh.n, dv), sh.pattern, o);
+        const Matrix<S> out = buffer.block(2, 1, sh.n, dv);
+        EXPECT_TRUE(all_close(out, expected, attention_tolerance<S>(sh.m) * 4));
+        Matrix<S> outside = buffer;
+        outside.block(2, 1, sh.n, dv).setConstant(sentinel);
+        EXPECT_TRUE((outside.array() == sentinel).all()) << "wrote outside its block, threads=" << threads;
+        if (threads == 1) first = out;
+        EXPECT_TRUE(out == first) << "threads=" << threads;
+      }
+      if (sh.m == 3)
+        for (Index i = 0; i < sh.n; ++i)
+          if (i % 10 >= 3) EXPECT_TRUE(first.row(i).isZero(0)) << "row " << i;
+    }
+  }
 }
 
 TEST(SparseErrorsTest, BadPatternsAndShapesName) {

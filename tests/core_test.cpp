@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -324,6 +325,58 @@ TEST(ShortQueryScores, FetchingKeysAheadChangesNothingAndScoresEqualDoubleDots) 
         }
       }
     }
+}
+
+// AttentionOutput::continues: a call over keys B started from attention over keys A (out and lse as an earlier call
+// left them) ends with attention over A and B, on the fused path and on split-K's (a few rows over many keys). Rows
+// with no key in A take B's attention alone; rows with no key in B keep what they held, bit for bit.
+TEST(ContinuingCall, FoldsItsKeysIntoWhatTheOutputHolds) {
+  using testing::MatD;
+  const auto view = [](const Matrix<float>& x, Index r0, Index rows) {
+    return StridedView<float>{x.data() + r0 * x.cols(), rows, x.cols(), x.cols(), 1};
+  };
+  for (const auto& [n, a, m] : {std::tuple<Index, Index, Index>{37, 101, 257}, {3, 700, 2300}, {1, 1, 1030}}) {
+    SCOPED_TRACE("n=" + std::to_string(n) + " keys " + std::to_string(a) + " then " + std::to_string(m - a));
+    const Index d = 13, dv = 7;
+    const Matrix<float> q = testing::random_matrix<float>(n, d, 1), k = testing::random_matrix<float>(m, d, 2),
+                        v = testing::random_matrix<float>(m, dv, 3);
+    const float scale = 1.f / std::sqrt(float(d));
+    const auto run = [&](Index r0, Index rows, const AttentionOptions& o, const AttentionOutput<float>& out) {
+      const MaskModel<float> mask(n, rows, o, {});
+      run_attention<float, MaskModel<float>>({{view(q, 0, n), view(k, r0, rows), view(v, r0, rows), mask, scale,
+                                               out}},
+                                             o);
+    };
+    AttentionOptions all, none;
+    none.key_length = 0;  // no key at all: every row's lse is -inf
+    for (const bool first_empty : {false, true}) {
+      SCOPED_TRACE(first_empty ? "no key in A" : "keys in A and B");
+      Matrix<float> out = Matrix<float>::Constant(n, dv, 5.f);
+      Vector<float> lse(n);
+      run(0, a, first_empty ? none : all, {out.data(), dv, lse.data()});
+      const Matrix<float> held = out;
+      const Vector<float> held_lse = lse;
+      AttentionOutput<float> dst{out.data(), dv, lse.data()};
+      dst.continues = true;
+      run(a, m - a, all, dst);
+      const Index from = first_empty ? a : 0;
+      const testing::NaiveResult expected = testing::naive_attention(
+          q.cast<double>(), k.bottomRows(m - from).cast<double>(), v.bottomRows(m - from).cast<double>(), all);
+      EXPECT_TRUE(testing::all_close(out, expected.out, testing::attention_tolerance<float>(m) * 4));
+      for (Index i = 0; i < n; ++i) EXPECT_NEAR(lse[i], expected.lse[i], 1e-5 * (1 + std::abs(expected.lse[i])));
+      // No key in B: the rows keep what they held.
+      Matrix<float> again = held;
+      Vector<float> again_lse = held_lse;
+      AttentionOutput<float> keep{again.data(), dv, again_lse.data()};
+      keep.continues = true;
+      run(a, m - a, none, keep);
+      EXPECT_TRUE(again == held);
+      EXPECT_TRUE(again_lse == held_lse);
+      if (first_empty) {
+        EXPECT_TRUE(held.isZero(0));
+      }
+    }
+  }
 }
 
 TEST(StoreScaled, WritesExactlyTheScaledRowAtAnyOffsetStreamingOrNot) {

@@ -381,9 +381,13 @@ TYPED_TEST(SparseTest, GatheredOnlyPatternsWriteTheirRowsInPlace) {
         if (threads == 1) first = out;
         EXPECT_TRUE(out == first) << "threads=" << threads;
       }
-      if (sh.m == 3)
-        for (Index i = 0; i < sh.n; ++i)
-          if (i % 10 >= 3) EXPECT_TRUE(first.row(i).isZero(0)) << "row " << i;
+      if (sh.m == 3) {
+        for (Index i = 0; i < sh.n; ++i) {
+          if (i % 10 >= 3) {
+            EXPECT_TRUE(first.row(i).isZero(0)) << "row " << i;
+          }
+        }
+      }
     }
   }
 }

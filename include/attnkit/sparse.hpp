@@ -8,8 +8,8 @@
 //  - gathered terms (atrous residue classes, fixed's summary columns) are strided: their keys (and, for atrous, their
 //    queries) are viewed as dense sub-problems through strided views, so the inner loop stays the dense micro-kernel
 //    and nothing is copied. A gathered call masks out the keys an earlier term already counted.
-// The calls of one block of query rows produce partial outputs with their log-sum-exps, merged exactly: one softmax
-// over the union, each key once.
+// Each call after the first folds its keys into the rows the earlier calls wrote, through their log-sum-exps: one
+// softmax over the union, each key once.
 #pragma once
 
 #include <algorithm>
@@ -516,7 +516,8 @@ class SparseMask {
   IndexMap qmap_, kmap_;
 };
 
-/// Query rows of one gathered call at most: bounds each worker's partial output to kSparseRows x d_v scalars.
+/// Query rows of one gathered call at most: a long residue class (or fixed's summary columns over every query) is cut
+/// into calls that threads can share.
 constexpr Index kSparseRows = 4096;
 
 /// A view of rows map(0), map(1), ... (count of them) of x, without copying.
@@ -605,19 +606,17 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
     p.row_scales = row_scales.data();
   }
 
-  // The direct terms write out and its log-sum-exps; each gathered term's calls then merge into them, in term order
-  // (a gathered call has already excluded the keys of the terms before it). Rows of one term's calls are disjoint.
-  // With no direct term, the first gathered term's calls write their rows of out (and of lse, when a later term
-  // merges or the caller wants it) in place: a merge into rows that hold nothing yet would only copy them. Atrous
-  // and the like run so at n = 4096 in about 0.9x the time: no partial rows, no merge, no log-sum-exp when none is
-  // needed.
+  // The direct terms write out and its log-sum-exps; each gathered term's calls then fold their keys into those rows
+  // in place (AttentionOutput::continues), in term order: a gathered call has already excluded the keys of the terms
+  // before it, and the rows of one term's calls are disjoint (k apart for a residue class). With no direct term the
+  // first gathered term writes its rows afresh. So no partial rows, no separate merge, and no log-sum-exp that no
+  // later term or caller reads (atrous(128) at n = 4096: 0.9x the time of partial rows merged afterwards).
   Vector<S> lse(n);
-  const bool in_place = p.direct.empty() && !p.gathered.empty() && out.group_rows == 0;
   const bool keep_lse = p.gathered.size() > 1 || out.lse != nullptr;
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
-    const bool covered = in_place && (p.gathered.front().kind == SparsePattern::Kind::kColumns ||
-                                      m >= p.gathered.front().rate);
+    const bool covered = p.gathered.empty() || p.gathered.front().kind == SparsePattern::Kind::kColumns ||
+                         m >= p.gathered.front().rate;
     if (!covered) {
       for (Index i = 0; i < n; ++i) std::fill(out.row(i), out.row(i) + dv, S(0));
       lse.setConstant(-std::numeric_limits<S>::infinity());
@@ -626,46 +625,27 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
     run_attention<S, SparseMask<S>>(
         {Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale, AttentionOutput<S>{out.data, out.stride, lse.data()}}}, o);
   }
-  struct Partial {
-    Vector<S> out, lse;
-    CachedWorkspace<S> workspace;
-  };
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
     const std::vector<Call> calls = gathered_calls(p, g, q, k, v, offset, scale);
-    const bool direct_rows = in_place && g == 0;
+    const bool continues = g > 0 || !p.direct.empty();
     for_each_item(
-        Index(calls.size()), o.threads, [] { return Partial(); },
-        [&](Index c, int threads, Partial& part) {
+        Index(calls.size()), o.threads, [] { return CachedWorkspace<S>(); },
+        [&](Index c, int threads, CachedWorkspace<S>& workspace) {
           const Call& call = calls[size_t(c)];
-          const Index rows = call.q.rows;
           const IndexMap& rows_of = call.mask.query_map();  // rows first, first + stride, ... (never grouped)
           AttentionOutput<S> dst{out.row(rows_of.first), out.stride * rows_of.stride,
-                                 keep_lse ? lse.data() + rows_of.first : nullptr};
+                                 continues || keep_lse ? lse.data() + rows_of.first : nullptr};
           dst.lse_stride = rows_of.stride;
-          if (!direct_rows) {
-            if (part.out.size() < rows * dv) part.out.resize(rows * dv);
-            if (part.lse.size() < rows) part.lse.resize(rows);  // separately: with d_v = 0 there is no out to size
-            dst = AttentionOutput<S>{part.out.data(), dv, part.lse.data()};
-          }
+          dst.continues = continues;
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;
           // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
           // go through run_attention's split-K whatever the thread count, so results never depend on it.
-          if (threads == 1 && !use_split_keys<S>(rows, call.k.rows))
-            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(),
-                            &part.workspace.get());
+          if (threads == 1 && !use_split_keys<S>(call.q.rows, call.k.rows))
+            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &workspace.get());
           else
             run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
-          if (direct_rows) return;
-          // The output rows of a residue class are k rows apart: each is fetched 8 rows ahead of its merge
-          // (strided(128) at n = 65536: 0.97-0.98x the time).
-          constexpr Index kRowsAhead = 8;
-          for (Index s = 0; s < rows; ++s) {
-            if (s + kRowsAhead < rows) prefetch_row<3, true>(out.row(rows_of(s + kRowsAhead)), dv);
-            const Index i = rows_of(s);
-            merge_into(out.row(i), lse[i], part.out.data() + s * dv, part.lse[s], dv);
-          }
         });
   }
   if (out.lse)
@@ -682,10 +662,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
 /// padding, ALiBi, softcap, log-n scaling (n_i = |A_i| after the options), threads, tiles.
 /// \return n x d_v; a row with no allowed key is zero. Keys no row of a tile may see are never read.
 ///
-/// Cost O(sum_i |A_i| d) time; workspace O(tile) per thread, plus partial outputs of at most 4096 rows x d_v per
-/// gathered term when the pattern has atrous or summary-column terms (none for the first of them when the pattern has
-/// no local, segment or block term: it writes the output in place). Never an n x m matrix. The result is the same for
-/// any thread count.
+/// Cost O(sum_i |A_i| d) time; workspace O(tile) per thread and n log-sum-exps (gathered terms write into the output
+/// in place). Never an n x m matrix. The result is the same for any thread count.
 /// \throws attnkit::Error on mismatched shapes, invalid options, an empty pattern or a block layout of the wrong shape.
 template <class DQ, class DK, class DV>
 void sparse_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase<DK>& k, const Eigen::MatrixBase<DV>& v,
@@ -728,8 +706,8 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
 /// thread the fused tile workspace of the pattern's tile shapes, n log-sum-exps (and n row scales with log-n scaling),
-/// and, when the pattern has atrous or summary-column terms, each worker's partial output of at most 4096 rows x d_v
-/// with its tile workspace, plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
+/// and, when the pattern has atrous or summary-column terms, each worker's tile workspace for a gathered call and room
+/// for the split-K partial outputs of one of at most 4096 rows x d_v, plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
 /// n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
 template <class S>
 Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,

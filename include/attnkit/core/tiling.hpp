@@ -222,6 +222,9 @@ class CachedWorkspace {
 
 /// The destination of a fused call: out (n x dv, row stride `stride`) and, optionally, the per-row log-sum-exp.
 /// Rows may fold groups like StridedView (group_rows > 0: row i is row i % group_rows of group i / group_rows).
+/// With `continues`, out and lse already hold attention over other keys (normalised over them; lse -inf where there
+/// were none): the call folds its own keys into them, as merge_into would fold in its separate result (the same up to
+/// rounding), and leaves the attention over both and its log-sum-exp. Softmax weights only; lse must be given.
 template <class S>
 struct AttentionOutput {
   S* data;
@@ -230,6 +233,7 @@ struct AttentionOutput {
   Index group_rows = 0;
   Index group_stride = 0;
   Index lse_stride = 1;
+  bool continues = false;
 
   S* row(Index i) const {
     return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * stride : data + i * stride;
@@ -348,6 +352,15 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
     }
     std::fill(ws.stats.begin(), ws.stats.begin() + brows, SoftmaxState<S>{});
     ws.acc.head(brows * dv_pad).setZero();
+    if (out.continues)  // a row holding attention over other keys starts from it: max = its lse, sum = 1, acc = it
+      for (Index r = 0; r < brows; ++r) {
+        if (r + kQueriesAhead < brows) prefetch_row<2, true>(out.row(b0 + r + kQueriesAhead), dv);  // rows k apart
+        const S lse = out.lse[(b0 + r) * out.lse_stride];
+        if (lse == -std::numeric_limits<S>::infinity()) continue;
+        ws.stats[size_t(r)] = SoftmaxState<S>{lse, S(1)};
+        const S* held = out.row(b0 + r);
+        std::copy(held, held + dv, ws.acc.data() + r * dv_pad);
+      }
     // The hull of the keys seen by the query tile of rows [r0, r0 + rows) of the block.
     const auto hull_of = [&](Index r0, Index rows) {
       KeyRange h{m, 0};
@@ -521,14 +534,14 @@ void merge_into(S* out, S& lse, const S* part, S part_lse, Index dv) {
 
 /// Combines attention computed separately over `parts` disjoint key ranges into attention over their union, row by
 /// row, folding the parts in order with merge_into. Part p of row i is at outputs + (p * rows + i) * dv and
-/// lses[p * rows + i]. Rows with no key in any range get zeros (and lse -inf).
+/// lses[p * rows + i]. Rows with no key in any range get zeros (and lse -inf). With out.continues, into what out holds.
 template <class S>
 void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, Index dv,
                       const AttentionOutput<S>& out) {
   for (Index i = 0; i < rows; ++i) {
     S* dst = out.row(i);
-    std::fill(dst, dst + dv, S(0));
-    S lse = -std::numeric_limits<S>::infinity();
+    S lse = out.continues ? out.lse[i * out.lse_stride] : -std::numeric_limits<S>::infinity();
+    if (lse == -std::numeric_limits<S>::infinity()) std::fill(dst, dst + dv, S(0));
     for (Index p = 0; p < parts; ++p) merge_into(dst, lse, outputs + (p * rows + i) * dv, lses[p * rows + i], dv);
     if (out.lse) out.lse[i * out.lse_stride] = lse;
   }

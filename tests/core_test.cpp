@@ -379,6 +379,37 @@ TEST(ContinuingCall, FoldsItsKeysIntoWhatTheOutputHolds) {
   }
 }
 
+// A band's key tiles overlap: finite_value_rows reads only the value rows past what the call already found finite,
+// never trusts a row it has not read, and forgets nothing it has not re-read.
+TEST(FiniteValueRows, ReadsOnlyNewRowsAndNeverPassesANonFiniteOne) {
+  Matrix<float> values = testing::random_matrix<float>(200, 5, 3);
+  values(70, 2) = std::numeric_limits<float>::quiet_NaN();
+  values(150, 4) = std::numeric_limits<float>::infinity();
+  const StridedView<float> v{values.data(), 200, 5, 5, 1};
+  KeyRange known{0, 0};
+  EXPECT_TRUE(finite_value_rows(v, 0, 64, known));
+  EXPECT_EQ(known.begin, 0);
+  EXPECT_EQ(known.end, 64);
+  EXPECT_FALSE(finite_value_rows(v, 32, 64, known));  // rows 64..95 hold the NaN
+  EXPECT_EQ(known.end, 64);
+  EXPECT_TRUE(finite_value_rows(v, 10, 50, known));  // inside what is known
+  EXPECT_FALSE(finite_value_rows(v, 60, 11, known));  // rows 64..70: the NaN is the last
+  EXPECT_TRUE(finite_value_rows(v, 60, 10, known));   // rows 64..69
+  EXPECT_EQ(known.end, 70);
+  EXPECT_TRUE(finite_value_rows(v, 71, 79, known));  // past a gap: starts afresh
+  EXPECT_EQ(known.begin, 71);
+  EXPECT_EQ(known.end, 150);
+  EXPECT_FALSE(finite_value_rows(v, 100, 51, known));  // the Inf in row 150
+  EXPECT_FALSE(finite_value_rows(v, 65, 10, known));   // before what is known: read again, the NaN
+  // A NaN inside the known range can only come from a change of v between calls: fit() starts each call afresh.
+  AttentionWorkspace<float> ws;
+  ws.finite_values = {0, 200};
+  TilePlan plan;
+  plan.rows = 6, plan.cols = 16, plan.group = 1;
+  ws.fit(plan, 4, 5);
+  EXPECT_TRUE(ws.finite_values.empty());
+}
+
 TEST(StoreScaled, WritesExactlyTheScaledRowAtAnyOffsetStreamingOrNot) {
   check_store_scaled<float>();
   check_store_scaled<double>();

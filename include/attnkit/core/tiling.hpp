@@ -96,6 +96,7 @@ struct AttentionWorkspace {
   std::vector<KeyRange> ranges, spans, strips;
   std::vector<SoftmaxState<S>> stats;
   Lookahead ahead;  // rows the tile loop reads next: the next key tile's, or the next query tile's
+  KeyRange finite_values{0, 0};  // value rows this call has found finite (read in place), see finite_value_rows
 
   // Scalars of each buffer, in member order: queries, keys, values, scores, acc, alpha.
   static std::array<Index, 6> sizes(const TilePlan& plan, Index d, Index dv) {
@@ -113,6 +114,7 @@ struct AttentionWorkspace {
   /// Grows the buffers to the plan's needs. A call that reads key rows in place (decoding) leaves the packed-K^T
   /// buffer as it is, and one that reads value rows in place the packed-V buffer; bytes() bounds every call.
   AttentionWorkspace& fit(const TilePlan& plan, Index d, Index dv, bool pack_keys = true, bool pack_values = true) {
+    finite_values = {0, 0};  // each call starts knowing nothing about its values
     std::array<Index, 6> need = sizes(plan, d, dv);
     if (!pack_keys) need[1] = 0;
     if (!pack_values) need[2] = 0;
@@ -247,6 +249,19 @@ bool all_finite(const S* data, Index rows, Index width, Index stride) {
       Eigen::Map<const Eigen::Array<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Eigen::OuterStride<>>;
   // 0 * x is 0 for finite x and NaN for NaN or Inf: one vectorised sum (Eigen's isFinite is scalar).
   return (Rows(data, rows, width, Eigen::OuterStride<>(std::max(stride, width))) * S(0)).sum() == S(0);
+}
+
+/// Whether value rows [j0, j0 + cols) of v (rows contiguous) are all finite, reading only those past `known`, the rows
+/// found finite earlier in the call, which it extends: a band's key tiles overlap by most of their rows, so each row
+/// is checked about once per call instead of once per query tile (local(128): every tile is partial).
+template <class S>
+bool finite_value_rows(const StridedView<S>& v, Index j0, Index cols, KeyRange& known) {
+  const bool extends = known.begin <= j0 && j0 <= known.end;
+  const Index from = extends ? std::max(j0, known.end) : j0, end = j0 + cols;
+  if (from >= end) return true;
+  if (!all_finite(v.row(from), end - from, v.cols, v.row_stride)) return false;
+  known = {extends ? known.begin : j0, end};
+  return true;
 }
 
 /// How the fused loop turns a row's logits into attention weights: the online softmax of SPEC section 1. step()
@@ -432,7 +447,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       // a compare per weight; when the tile's values are all finite, 0 * v adds exactly nothing and the plain
       // kernel does (measured 1.5x faster for P V). One check per key tile: 1 / rows of the product's work.
       const bool skip_zeros =
-          kind == TileKind::kPartial && !(values_in_place ? all_finite(v.row(j0), cols, dv, v.row_stride)
+          kind == TileKind::kPartial && !(values_in_place ? finite_value_rows(v, j0, cols, ws.finite_values)
                                                           : all_finite(ws.values.data(), 1, cols * dv_pad, 0));
       if (skip_zeros)
         tile_product<S, true>(ws.scores.data(), cols_pad, rows, values, cols, dv_pad, acc, dv_pad, alpha,

@@ -152,6 +152,23 @@ TEST(WorkspaceBound, EverySparsePatternAndLinearForm) {
       EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p, o) + kSlack)
           << p.terms().size() << " terms, causal " << o.causal;
     }
+  // Decoding shapes: a few queries over many keys, each residue class a split-K call with its partial outputs.
+  for (const int threads : {1, 2})
+    for (const SparsePattern& p : {SparsePattern::atrous(7), SparsePattern::strided(9), SparsePattern::fixed(64, 3)}) {
+      AttentionOptions o;
+      o.threads = threads;
+      const Index m = 20000;
+      const auto q3 = in.q.topLeftCorner(3, d), km = in.k.topLeftCorner(m, d), vm = in.v.topLeftCorner(m, dv);
+      Matrix<float> out3(3, dv);
+      const int64_t heap = measured_heap(  // a cold call: the thread pool set up, no tile workspace cached
+          [&] {
+            sparse_attention(q3, km, vm, out3, p, o);
+            release_cached_workspaces();
+          },
+          [&] { sparse_attention(q3, km, vm, out3, p, o); });
+      EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(3, m, d, dv, p, o) + kSlack)
+          << p.terms().size() << " terms, decoding, threads " << threads;
+    }
   for (const bool is_causal : {false, true}) {
     LinearOptions o;
     o.causal = is_causal;

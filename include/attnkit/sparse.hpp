@@ -706,8 +706,8 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
 /// thread the fused tile workspace of the pattern's tile shapes, n log-sum-exps (and n row scales with log-n scaling),
-/// and, when the pattern has atrous or summary-column terms, each worker's tile workspace for a gathered call and room
-/// for the split-K partial outputs of one of at most 4096 rows x d_v, plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
+/// and, when the pattern has atrous or summary-column terms, the tile workspaces of its gathered calls (with split-K's
+/// partial outputs for calls shaped for decoding), plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
 /// n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
 template <class S>
 Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,
@@ -730,9 +730,12 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
     const Index queries = columns ? n : n / t.rate + 1, keys = columns ? t.count * (m / t.rate + 1) : m / t.rate + 1;
     const Index rows = std::min(queries, detail::kSparseRows);
     const Index calls = (columns ? 1 : t.rate) * ((queries + rows - 1) / rows);
-    AttentionOptions inner = options;  // calls spread one per thread have query tiles for one thread
+    // Calls spread one per thread run on one thread each, in their worker's tile workspace; fewer calls than threads
+    // run one after another on all of them. Either way a call shaped for decoding goes split-K (partial outputs).
+    AttentionOptions inner = options;
     if (calls >= threads) inner.threads = 1;
-    bytes += threads * (rows * (d_v + 1) * scalar + workspace(rows, std::min(keys, m), inner)) +
+    const Index per_call = detail::attention_calls_workspace_bytes<S>(1, rows, std::min(keys, m), d_k, d_v, inner);
+    bytes += (calls >= threads ? threads : 1) * per_call +
              calls * Index(sizeof(detail::AttentionCall<S, detail::SparseMask<S>>));
   }
   return bytes;

@@ -343,8 +343,7 @@ TEST(ContinuingCall, FoldsItsKeysIntoWhatTheOutputHolds) {
     const float scale = 1.f / std::sqrt(float(d));
     const auto run = [&](Index r0, Index rows, const AttentionOptions& o, const AttentionOutput<float>& out) {
       const MaskModel<float> mask(n, rows, o, {});
-      run_attention<float, MaskModel<float>>({{view(q, 0, n), view(k, r0, rows), view(v, r0, rows), mask, scale,
-                                               out}},
+      run_attention<float, MaskModel<float>>({{view(q, 0, n), view(k, r0, rows), view(v, r0, rows), mask, scale, out}},
                                              o);
     };
     AttentionOptions all, none;
@@ -392,7 +391,7 @@ TEST(FiniteValueRows, ReadsOnlyNewRowsAndNeverPassesANonFiniteOne) {
   EXPECT_EQ(known.end, 64);
   EXPECT_FALSE(finite_value_rows(v, 32, 64, known));  // rows 64..95 hold the NaN
   EXPECT_EQ(known.end, 64);
-  EXPECT_TRUE(finite_value_rows(v, 10, 50, known));  // inside what is known
+  EXPECT_TRUE(finite_value_rows(v, 10, 50, known));   // inside what is known
   EXPECT_FALSE(finite_value_rows(v, 60, 11, known));  // rows 64..70: the NaN is the last
   EXPECT_TRUE(finite_value_rows(v, 60, 10, known));   // rows 64..69
   EXPECT_EQ(known.end, 70);

@@ -365,9 +365,9 @@ TYPED_TEST(SparseTest, GatheredOnlyPatternsWriteTheirRowsInPlace) {
       AttentionOptions o;
       o.causal = causal;
       o.align = CausalAlign::kTopLeft;
-      const MatD expected = reference::sparse_attention(q.template cast<double>().eval(),
-                                                        k.template cast<double>().eval(),
-                                                        v.template cast<double>().eval(), sh.pattern, o);
+      const MatD expected =
+          reference::sparse_attention(q.template cast<double>().eval(), k.template cast<double>().eval(),
+                                      v.template cast<double>().eval(), sh.pattern, o);
       Matrix<S> first;
       for (const int threads : {1, 2}) {
         o.threads = threads;

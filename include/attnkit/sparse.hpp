@@ -615,8 +615,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   const bool keep_lse = p.gathered.size() > 1 || out.lse != nullptr;
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
-    const bool covered = p.gathered.empty() || p.gathered.front().kind == SparsePattern::Kind::kColumns ||
-                         m >= p.gathered.front().rate;
+    const bool covered =
+        p.gathered.empty() || p.gathered.front().kind == SparsePattern::Kind::kColumns || m >= p.gathered.front().rate;
     if (!covered) {
       for (Index i = 0; i < n; ++i) std::fill(out.row(i), out.row(i) + dv, S(0));
       lse.setConstant(-std::numeric_limits<S>::infinity());
@@ -707,8 +707,8 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
 /// thread the fused tile workspace of the pattern's tile shapes, n log-sum-exps (and n row scales with log-n scaling),
 /// and, when the pattern has atrous or summary-column terms, the tile workspaces of its gathered calls (with split-K's
-/// partial outputs for calls shaped for decoding), plus the list of gathered calls. Independent of n apart from the O(n) vectors; never
-/// n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
+/// partial outputs for calls shaped for decoding), plus the list of gathered calls. Independent of n apart from the
+/// O(n) vectors; never n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
 template <class S>
 Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,
                                        const AttentionOptions& options = {}) {

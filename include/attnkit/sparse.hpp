@@ -611,8 +611,10 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   // before it, and the rows of one term's calls are disjoint (k apart for a residue class). With no direct term the
   // first gathered term writes its rows afresh. So no partial rows, no separate merge, and no log-sum-exp that no
   // later term or caller reads (atrous(128) at n = 4096: 0.9x the time of partial rows merged afterwards).
-  Vector<S> lse(n);
-  const bool keep_lse = p.gathered.size() > 1 || out.lse != nullptr;
+  // A row's log-sum-exp is read by a later term (which continues the row) or by the caller; local and block
+  // patterns without an lse-reading caller skip it (one log per row and an n-entry vector).
+  const bool need_lse = out.lse != nullptr || p.gathered.size() > 1 || (!p.gathered.empty() && !p.direct.empty());
+  Vector<S> lse(need_lse ? n : 0);
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
     const bool covered =
@@ -622,8 +624,9 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       lse.setConstant(-std::numeric_limits<S>::infinity());
     }
   } else {
-    run_attention<S, SparseMask<S>>(
-        {Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale, AttentionOutput<S>{out.data, out.stride, lse.data()}}}, o);
+    run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale,
+                                          AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},
+                                    o);
   }
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
@@ -635,7 +638,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
           const Call& call = calls[size_t(c)];
           const IndexMap& rows_of = call.mask.query_map();  // rows first, first + stride, ... (never grouped)
           AttentionOutput<S> dst{out.row(rows_of.first), out.stride * rows_of.stride,
-                                 continues || keep_lse ? lse.data() + rows_of.first : nullptr};
+                                 need_lse ? lse.data() + rows_of.first : nullptr};
           dst.lse_stride = rows_of.stride;
           dst.continues = continues;
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
@@ -705,10 +708,11 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 }  // namespace reference
 
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
-/// thread the fused tile workspace of the pattern's tile shapes, n log-sum-exps (and n row scales with log-n scaling),
-/// and, when the pattern has atrous or summary-column terms, the tile workspaces of its gathered calls (with split-K's
-/// partial outputs for calls shaped for decoding), plus the list of gathered calls. Independent of n apart from the
-/// O(n) vectors; never n x m. \throws attnkit::Error as sparse_attention does for the pattern and options.
+/// thread the fused tile workspace of the pattern's tile shapes (and n row scales with log-n scaling), n log-sum-exps
+/// when a term continues another's rows, and, when the pattern has atrous or summary-column terms, the tile workspaces
+/// of its gathered calls (with split-K's partial outputs for calls shaped for decoding) and the list of gathered calls.
+/// Independent of n apart from the O(n) vectors; never n x m. \throws attnkit::Error as sparse_attention does for the
+/// pattern and options.
 template <class S>
 Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, const SparsePattern& pattern,
                                        const AttentionOptions& options = {}) {
@@ -721,9 +725,10 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
     return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(rows, keys, d_k, d_v, o), d_k, d_v);
   };
   constexpr Index kBookkeeping = 4096;  // the problem's term lists and the allocator's rounding, per thread and call
-  Index bytes =
-      threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + n * scalar + (threads + 1) * kBookkeeping;
+  Index bytes = threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + (threads + 1) * kBookkeeping;
   if (options.log_n_scale) bytes += n * scalar;
+  if (p.gathered.size() > 1 || (!p.gathered.empty() && !p.direct.empty()))
+    bytes += n * scalar;  // the log-sum-exps a gathered term continues from
   for (const auto& t : p.gathered) {
     // A residue class holds about n / k queries and m / k keys; summary columns all n queries and their columns.
     const bool columns = t.kind == SparsePattern::Kind::kColumns;

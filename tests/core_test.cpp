@@ -363,6 +363,15 @@ TEST(ContinuingCall, FoldsItsKeysIntoWhatTheOutputHolds) {
           q.cast<double>(), k.bottomRows(m - from).cast<double>(), v.bottomRows(m - from).cast<double>(), all);
       EXPECT_TRUE(testing::all_close(out, expected.out, testing::attention_tolerance<float>(m) * 4));
       for (Index i = 0; i < n; ++i) EXPECT_NEAR(lse[i], expected.lse[i], 1e-5 * (1 + std::abs(expected.lse[i])));
+      // keeps_lse false: the same rows, the lse only read.
+      Matrix<float> rows_only = held;
+      Vector<float> read_lse = held_lse;
+      AttentionOutput<float> last{rows_only.data(), dv, read_lse.data()};
+      last.continues = true;
+      last.keeps_lse = false;
+      run(a, m - a, all, last);
+      EXPECT_TRUE(rows_only == out);
+      EXPECT_TRUE(read_lse == held_lse);
       // No key in B: the rows keep what they held.
       Matrix<float> again = held;
       Vector<float> again_lse = held_lse;

@@ -610,9 +610,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   // in place (AttentionOutput::continues), in term order: a gathered call has already excluded the keys of the terms
   // before it, and the rows of one term's calls are disjoint (k apart for a residue class). With no direct term the
   // first gathered term writes its rows afresh. So no partial rows, no separate merge, and no log-sum-exp that no
-  // later term or caller reads (atrous(128) at n = 4096: 0.9x the time of partial rows merged afterwards).
-  // A row's log-sum-exp is read by a later term (which continues the row) or by the caller; local and block
-  // patterns without an lse-reading caller skip it (one log per row and an n-entry vector).
+  // later term or caller reads (atrous(128) at n = 4096: 0.9x the time of partial rows merged afterwards): local
+  // and block patterns have none (an n-entry vector and a log per row fewer), the last gathered term only reads it.
   const bool need_lse = out.lse != nullptr || p.gathered.size() > 1 || (!p.gathered.empty() && !p.direct.empty());
   Vector<S> lse(need_lse ? n : 0);
   if (p.direct.empty()) {
@@ -641,6 +640,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
                                  need_lse ? lse.data() + rows_of.first : nullptr};
           dst.lse_stride = rows_of.stride;
           dst.continues = continues;
+          dst.keeps_lse = out.lse != nullptr || g + 1 < Index(p.gathered.size());  // read by a later term or the caller
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;
           // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes

@@ -227,6 +227,7 @@ class CachedWorkspace {
 /// With `continues`, out and lse already hold attention over other keys (normalised over them; lse -inf where there
 /// were none): the call folds its own keys into them, as merge_into would fold in its separate result (the same up to
 /// rounding), and leaves the attention over both and its log-sum-exp. Softmax weights only; lse must be given.
+/// `keeps_lse` false: lse is only read (a last continuing call whose caller wants the rows alone).
 template <class S>
 struct AttentionOutput {
   S* data;
@@ -236,6 +237,9 @@ struct AttentionOutput {
   Index group_stride = 0;
   Index lse_stride = 1;
   bool continues = false;
+  bool keeps_lse = true;
+
+  bool writes_lse() const { return lse != nullptr && keeps_lse; }
 
   S* row(Index i) const {
     return group_rows > 0 ? data + (i / group_rows) * group_stride + (i % group_rows) * stride : data + i * stride;
@@ -512,7 +516,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       const S* a = ws.acc.data() + r * dv_pad;
       S* dst = out.row(b0 + r);
       store_scaled(a, inv, dv, dst, from_memory);
-      if (out.lse) out.lse[(b0 + r) * out.lse_stride] = ws.stats[size_t(r)].log_sum_exp();
+      if (out.writes_lse()) out.lse[(b0 + r) * out.lse_stride] = ws.stats[size_t(r)].log_sum_exp();
     }
     if (from_memory) stream_fence();
   };
@@ -558,7 +562,7 @@ void merge_key_ranges(const S* outputs, const S* lses, Index parts, Index rows, 
     S lse = out.continues ? out.lse[i * out.lse_stride] : -std::numeric_limits<S>::infinity();
     if (lse == -std::numeric_limits<S>::infinity()) std::fill(dst, dst + dv, S(0));
     for (Index p = 0; p < parts; ++p) merge_into(dst, lse, outputs + (p * rows + i) * dv, lses[p * rows + i], dv);
-    if (out.lse) out.lse[i * out.lse_stride] = lse;
+    if (out.writes_lse()) out.lse[i * out.lse_stride] = lse;
   }
 }
 

@@ -350,6 +350,10 @@ struct SparseProblem {
 
   /// |A_i| exactly: each term's keys inside the row's mask range, not counted by an earlier term. O(sum of the terms'
   /// sizes), for log-n scaling.
+  /// Whether some term continues rows another wrote (it reads their log-sum-exps): a gathered term after a direct one
+  /// or after another gathered term.
+  bool continues_rows() const { return gathered.size() > 1 || (!gathered.empty() && !direct.empty()); }
+
   Index allowed_count(Index i) const {
     const Index a = base.position(i);
     const KeyRange range = base.row_range(i);
@@ -612,7 +616,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   // first gathered term writes its rows afresh. So no partial rows, no separate merge, and no log-sum-exp that no
   // later term or caller reads (atrous(128) at n = 4096: 0.9x the time of partial rows merged afterwards): local
   // and block patterns have none (an n-entry vector and a log per row fewer), the last gathered term only reads it.
-  const bool need_lse = out.lse != nullptr || p.gathered.size() > 1 || (!p.gathered.empty() && !p.direct.empty());
+  const bool need_lse = out.lse != nullptr || p.continues_rows();
   Vector<S> lse(need_lse ? n : 0);
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
@@ -727,8 +731,7 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
   constexpr Index kBookkeeping = 4096;  // the problem's term lists and the allocator's rounding, per thread and call
   Index bytes = threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + (threads + 1) * kBookkeeping;
   if (options.log_n_scale) bytes += n * scalar;
-  if (p.gathered.size() > 1 || (!p.gathered.empty() && !p.direct.empty()))
-    bytes += n * scalar;  // the log-sum-exps a gathered term continues from
+  if (p.continues_rows()) bytes += n * scalar;  // the log-sum-exps a gathered term continues from
   for (const auto& t : p.gathered) {
     // A residue class holds about n / k queries and m / k keys; summary columns all n queries and their columns.
     const bool columns = t.kind == SparsePattern::Kind::kColumns;

@@ -398,7 +398,9 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
 
 /// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product
 /// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
-/// Whole kPacket x kPacket blocks of row-contiguous x go through an in-register transpose.
+/// Whole kPacket x kPacket blocks of row-contiguous x go through an in-register transpose, the rows of the next block
+/// fetched meanwhile: the loads of K's rows were most of the packing's time (SDPA n = 4096, d = 128, Zen 5: packing
+/// 3.9% -> 2.9% of the samples, 0.96-0.97x the time of the call).
 template <class S>
 void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count_pad, S* dst) {
   using namespace Eigen::internal;
@@ -411,6 +413,9 @@ void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count
     const Index w = std::min<Index>(K::kCols, count_pad - col);
     const Index full = std::clamp<Index>(count - col, 0, w) / P * P;  // keys in whole blocks of P
     for (Index c = 0; c < full; c += P) {
+      if (width_blocked > 0)
+        for (Index r = 0, ahead = std::min(P, count - col - c - P); r < ahead; ++r)
+          prefetch_row(x.row(j0 + col + c + P + r), width);
       for (Index k = 0; k < width_blocked; k += P) {
         PacketBlock<Packet, P> block;
         for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(x.row(j0 + col + c + r) + k);

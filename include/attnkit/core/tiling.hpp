@@ -48,17 +48,20 @@ Index query_tile_rows(Index n, const AttentionOptions& o) {
   return std::min(round_up((rows + tiles - 1) / tiles, kRows), rows);
 }
 
-/// Keys of a key tile: the largest of 512, 256 and 128 that leaves at least two key tiles and whose working set (a
-/// full query tile's queries, scores and accumulators, and the tile's packed keys and values) fits in 60% of L2,
-/// where the products' operands stay. With 2 MiB of L2 that is 512 for d = 64 and 128 from m = 1024 on (1-5% faster
-/// than 256 at n = 2048), and 256 below (512 keys in one tile ran 5-15% slower at n = 512, causal most); 256 on
-/// 1 MiB. Depends on the problem's shape and the cache only, never on the thread count.
+/// Keys of a key tile: the largest of 512, 256 and 128 that leaves at least two key tiles and whose packed keys (the
+/// operand every strip of the block's query tiles reads again) fill at most half of L2. 512 from m = 1024 on, for
+/// d = 64 to 256 with floats on a 1 MiB L2: on Zen 5 (1 MiB), one thread, n = 1024 to 8192, 512 keys took 0.96-0.98x
+/// the time of 256 at d = 64 and 0.94-0.97x that of 128 at d = 128 (causal too), 0.98-1.0x at d = 256, where an
+/// older budget (a query tile's queries, scores and accumulators and the tile's keys and values in 60% of L2) chose
+/// 256 and 128; with 2 MiB of L2 it was 1-5% faster than 256 at n = 2048. Below m = 1024, 256 (512 keys in one tile
+/// ran 5-15% slower at n = 512, causal most). Depends on the problem's shape and the cache only, never on the thread
+/// count.
 template <class S>
-Index key_tile_cols(Index m, Index d, Index dv, const AttentionOptions& o) {
+Index key_tile_cols(Index m, Index d, Index /*dv*/, const AttentionOptions& o) {
   Index cols = o.key_tile;
   if (cols <= 0) {
-    const Index budget = l2_cache_bytes() * 6 / 10 / Index(sizeof(S)), rows = kMaxQueryTile<S>;
-    for (cols = 512; cols > 128 && (2 * cols > m || rows * (d + cols + dv) + cols * (d + dv) > budget);) cols /= 2;
+    const Index budget = l2_cache_bytes() / 2 / Index(sizeof(S));
+    for (cols = 512; cols > 128 && (2 * cols > m || cols * d > budget);) cols /= 2;
   }
   return round_up(std::min(cols, std::max<Index>(m, 1)), KernelShape<S>::kPacket);
 }

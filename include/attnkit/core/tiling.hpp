@@ -57,7 +57,7 @@ Index query_tile_rows(Index n, const AttentionOptions& o) {
 /// ran 5-15% slower at n = 512, causal most). Depends on the problem's shape and the cache only, never on the thread
 /// count.
 template <class S>
-Index key_tile_cols(Index m, Index d, Index /*dv*/, const AttentionOptions& o) {
+Index key_tile_cols(Index m, Index d, const AttentionOptions& o) {
   Index cols = o.key_tile;
   if (cols <= 0) {
     const Index budget = l2_cache_bytes() / 2 / Index(sizeof(S));
@@ -75,7 +75,7 @@ Index key_tile_cols(Index m, Index d, Index /*dv*/, const AttentionOptions& o) {
 template <class S>
 TilePlan plan_tiles(Index n, Index m, Index d, Index dv, const AttentionOptions& o) {
   constexpr Index kRows = KernelShape<S>::kRows;
-  TilePlan plan{query_tile_rows<S>(n, o), key_tile_cols<S>(m, d, dv, o), 1};
+  TilePlan plan{query_tile_rows<S>(n, o), key_tile_cols<S>(m, d, o), 1};
   if (o.query_tile > 0 || plan.rows <= kRows) return plan;
   const Index tiles = (n + plan.rows - 1) / plan.rows, threads = resolve_threads(o.threads);
   const Index per_tile = plan.rows * (d + round_up(dv, KernelShape<S>::kPacket)) * Index(sizeof(S));

@@ -398,9 +398,10 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
 
 /// Packs rows [j0, j0 + count) of x (count x width, width <= x.cols) as the right-hand side B = x^T of a product
 /// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
-/// Whole kPacket x kPacket blocks of row-contiguous x go through an in-register transpose, the rows of the next block
-/// fetched meanwhile: the loads of K's rows were most of the packing's time (SDPA n = 4096, d = 128, Zen 5: packing
-/// 3.9% -> 2.9% of the samples, 0.96-0.97x the time of the call).
+/// Blocks of kPacket keys of row-contiguous x go through an in-register transpose, the rows of the next block fetched
+/// meanwhile: the loads of K's rows were most of the packing's time (SDPA n = 4096, d = 128, Zen 5: packing 3.9% ->
+/// 2.9% of the samples, 0.96-0.97x the time of the call). A last, short block is transposed with zero rows in place
+/// of the missing keys (element by element it was 36% of an 8 x 8 call's time).
 template <class S>
 void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count_pad, S* dst) {
   using namespace Eigen::internal;
@@ -411,24 +412,26 @@ void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count
   const Index width_blocked = x.row_contiguous() ? width / P * P : 0;
   for (Index col = 0; col < count_pad; col += K::kCols) {
     const Index w = std::min<Index>(K::kCols, count_pad - col);
-    const Index full = std::clamp<Index>(count - col, 0, w) / P * P;  // keys in whole blocks of P
-    for (Index c = 0; c < full; c += P) {
-      if (width_blocked > 0)
-        for (Index r = 0, ahead = std::min(P, count - col - c - P); r < ahead; ++r)
-          prefetch_row(x.row(j0 + col + c + P + r), width);
+    const Index keys = std::clamp<Index>(count - col, 0, w);  // keys of x in this panel, then zero columns
+    const Index blocked = width_blocked > 0 ? std::min(round_up(keys, P), w / P * P) : 0;  // columns in blocks of P
+    for (Index c = 0; c < blocked; c += P) {
+      const Index rows = std::min(P, keys - c);  // < P: a short last block
+      for (Index r = 0, ahead = std::clamp<Index>(keys - c - P, 0, P); r < ahead; ++r)
+        prefetch_row(x.row(j0 + col + c + P + r), width);
       for (Index k = 0; k < width_blocked; k += P) {
         PacketBlock<Packet, P> block;
-        for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(x.row(j0 + col + c + r) + k);
+        for (Index r = 0; r < P; ++r)
+          block.packet[r] = r < rows ? ploadu<Packet>(x.row(j0 + col + c + r) + k) : pzero(Packet());
         transpose_block(block);
         for (Index r = 0; r < P; ++r) pstoreu(dst + (k + r) * w + c, block.packet[r]);
       }
       for (Index r = 0; r < P; ++r) {
-        const S* src = x.row(j0 + col + c + r);
-        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = src[k * x.col_stride];
+        const S* src = r < rows ? x.row(j0 + col + c + r) : nullptr;
+        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = src ? src[k] : S(0);
       }
     }
-    for (Index c = full; c < w; ++c) {
-      const bool valid = col + c < count;
+    for (Index c = blocked; c < w; ++c) {
+      const bool valid = c < keys;
       const S* src = valid ? x.row(j0 + col + c) : nullptr;
       for (Index k = 0; k < width; ++k) dst[k * w + c] = valid ? src[k * x.col_stride] : S(0);
     }

@@ -72,6 +72,16 @@ TYPED_TEST(SdpaTest, EveryHeadDimension) {
   for (Index d : kDims) this->check(65, 129, d, d, {}, {});
 }
 
+// Packing K^T: key counts that end in a short block (fewer keys than a packet) with head dimensions that are not whole
+// packets either (the transposed blocks plus their leftover columns), alone and as the last of several key tiles.
+TYPED_TEST(SdpaTest, ShortKeyBlocksWithRaggedWidths) {
+  for (Index m : {2, 7, 21, 37})
+    for (Index d : {5, 20, 37}) this->check(23, m, d, 19, {}, {});
+  AttentionOptions o;
+  o.key_tile = 24;  // rounded up to whole packets: 101 keys leave a short last tile
+  this->check(30, 101, 37, 16, o, {});
+}
+
 struct NamedOptions {
   const char* name;
   AttentionOptions options;

@@ -400,8 +400,8 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
 /// (B is width x count_pad): panel p holds, for each of the `width` rows k, columns p*kCols.. of B. Zero padded.
 /// Blocks of kPacket keys of row-contiguous x go through an in-register transpose, the rows of the next block fetched
 /// meanwhile: the loads of K's rows were most of the packing's time (SDPA n = 4096, d = 128, Zen 5: packing 3.9% ->
-/// 2.9% of the samples, 0.96-0.97x the time of the call). A last, short block is transposed with zero rows in place
-/// of the missing keys (element by element it was 36% of an 8 x 8 call's time).
+/// 2.9% of the samples, 0.96-0.97x the time of the call). A last, short block goes through the same transpose, its
+/// missing keys' lanes zeroed (element by element it was 36% of an 8 x 8 call's time).
 template <class S>
 void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count_pad, S* dst) {
   using namespace Eigen::internal;
@@ -415,20 +415,24 @@ void pack_transposed(const StridedView<S>& x, Index j0, Index count, Index count
     const Index keys = std::clamp<Index>(count - col, 0, w);  // keys of x in this panel, then zero columns
     const Index blocked = width_blocked > 0 ? std::min(round_up(keys, P), w / P * P) : 0;  // columns in blocks of P
     for (Index c = 0; c < blocked; c += P) {
-      const Index rows = std::min(P, keys - c);  // < P: a short last block
+      // A short last block (rows < P) reads its last key again in place of the missing ones, and zeroes their lanes
+      // after the transpose: the loads stay unconditional, and the row addresses are found once per block.
+      const Index rows = std::min(P, keys - c);
+      const S* src[P];
+      for (Index r = 0; r < P; ++r) src[r] = x.row(j0 + col + c + std::min(r, rows - 1));
       for (Index r = 0, ahead = std::clamp<Index>(keys - c - P, 0, P); r < ahead; ++r)
         prefetch_row(x.row(j0 + col + c + P + r), width);
+      const Packet real_keys = pcmp_lt(plset<Packet>(S(0)), pset1<Packet>(S(rows)));  // lanes < rows
       for (Index k = 0; k < width_blocked; k += P) {
         PacketBlock<Packet, P> block;
-        for (Index r = 0; r < P; ++r)
-          block.packet[r] = r < rows ? ploadu<Packet>(x.row(j0 + col + c + r) + k) : pzero(Packet());
+        for (Index r = 0; r < P; ++r) block.packet[r] = ploadu<Packet>(src[r] + k);
         transpose_block(block);
+        if (rows < P)
+          for (Index r = 0; r < P; ++r) block.packet[r] = pand(block.packet[r], real_keys);
         for (Index r = 0; r < P; ++r) pstoreu(dst + (k + r) * w + c, block.packet[r]);
       }
-      for (Index r = 0; r < P; ++r) {
-        const S* src = r < rows ? x.row(j0 + col + c + r) : nullptr;
-        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = src ? src[k] : S(0);
-      }
+      for (Index r = 0; r < P; ++r)
+        for (Index k = width_blocked; k < width; ++k) dst[k * w + c + r] = r < rows ? src[r][k] : S(0);
     }
     for (Index c = blocked; c < w; ++c) {
       const bool valid = c < keys;

@@ -205,6 +205,15 @@ std::vector<Row> layer_rows() {
                   },
                   {"MultiHeadAttention", "out", "5x7"}});
   rows.push_back({"KVCache", "capacity 0", [] { KVCache<float>(0, 4); }, {"KVCache", "capacity"}});
+  rows.push_back({"KVCache", "kv_width not a multiple of kv_heads", [] { KVCache<float>(8, 6, 4); },
+                  {"KVCache", "6", "4"}});
+  rows.push_back({"MultiHeadAttention::forward_step", "cache of the layer's width but not its heads",
+                  [=] {
+                    const MultiHeadAttention<float> layer(mha_config([](MultiHeadConfig&) {}));
+                    KVCache<float> cache(16, 8, 1);
+                    layer.forward_step(mat(1, 8), cache);
+                  },
+                  {"forward_step", "1 heads", "H_kv = 2"}});
   rows.push_back({"KVCache::truncate", "size beyond the cached tokens",
                   [] {
                     KVCache<float> cache(8, 4);

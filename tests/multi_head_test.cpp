@@ -253,6 +253,45 @@ TYPED_TEST(MultiHeadTest, AttentionOnProjectedHeadsEqualsPerHeadOracle) {
   EXPECT_THROW(multi_head_attention(q, k, v, small, heads, kv_heads), Error);
 }
 
+TYPED_TEST(MultiHeadTest, CacheKeepsEachHeadApartAndKeepsEveryTokenAsItGrows) {
+  using S = TypeParam;
+  // Each head's rows live in a block of their own, which the storage's growth (64, 128, 256 and 300 tokens here)
+  // must move whole: the cache holds x W_k + b_k and x W_v + b_v of every token appended, head h in keys(h).
+  MultiHeadConfig c = config(24, 6, 3);
+  c.projection_bias = true;
+  MultiHeadAttention<S> layer(c, 41);
+  this->randomise_biases(layer, 42);
+  const Index n = 300, d = c.width / c.heads;
+  const Matrix<S> x = random_matrix<S>(n, 24, 43);
+  KVCache<S> cache = layer.make_cache(n);
+  EXPECT_EQ(cache.kv_heads(), 3);
+  EXPECT_EQ(cache.kv_width(), 3 * d);
+  for (Index t = 0, block = 1; t < n; t += block, block = block % 37 + 5) {
+    const Index count = std::min(block, n - t);
+    layer.forward_step(x.middleRows(t, count), cache);
+  }
+  ASSERT_EQ(cache.size(), n);
+  MatD keys = x.template cast<double>() * layer.w_k.template cast<double>();
+  MatD values = x.template cast<double>() * layer.w_v.template cast<double>();
+  keys.rowwise() += layer.b_k.template cast<double>().row(0);
+  values.rowwise() += layer.b_v.template cast<double>().row(0);
+  EXPECT_TRUE(all_close(cache.keys(), keys, this->tol() * (1 + keys.cwiseAbs().maxCoeff()))) << "keys";
+  EXPECT_TRUE(all_close(cache.values(), values, this->tol() * (1 + values.cwiseAbs().maxCoeff()))) << "values";
+  for (Index h = 0; h < 3; ++h) {
+    EXPECT_EQ(Matrix<S>(cache.keys(h)), Matrix<S>(cache.keys().middleCols(h * d, d))) << "head " << h;
+    EXPECT_EQ(Matrix<S>(cache.values(h)), Matrix<S>(cache.values().middleCols(h * d, d))) << "head " << h;
+  }
+  EXPECT_THROW(cache.keys(3), Error);
+  // A rolled-back step's tokens are overwritten by the next ones.
+  cache.truncate(100);
+  layer.forward_step(x.middleRows(200, 7), cache);
+  ASSERT_EQ(cache.size(), 107);
+  EXPECT_TRUE(all_close(cache.keys().bottomRows(7), keys.middleRows(200, 7),
+                        this->tol() * (1 + keys.cwiseAbs().maxCoeff())));
+  EXPECT_TRUE(all_close(cache.values().topRows(100), values.topRows(100),
+                        this->tol() * (1 + values.cwiseAbs().maxCoeff())));
+}
+
 TEST(MultiHeadDeterminism, LayerOutputIsBitIdenticalForAnyThreadCount) {
   // Width 512: wide enough that a library GEMM re-blocks its depth when it runs threads of its own.
   MultiHeadConfig c = config(512, 8, 2);

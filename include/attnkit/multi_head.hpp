@@ -174,6 +174,7 @@ class KVCache {
     if (capacity < 1 || kv_width < 1 || kv_heads < 1 || kv_width % kv_heads != 0)
       detail::fail("KVCache", "capacity and kv_width must be >= 1 and kv_width a multiple of kv_heads >= 1, got ",
                    capacity, ", ", kv_width, " and ", kv_heads);
+    keys_.resize(0, head_width()), values_.resize(0, head_width());
   }
 
   Index size() const { return size_; }

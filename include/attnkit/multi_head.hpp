@@ -165,7 +165,7 @@ class MultiHeadAttention;
 /// Each of the kv_heads heads keeps its rows (kv_width / kv_heads values per token) in a block of its own, so a
 /// decoding step reads every head's keys and values as one contiguous stream. With the heads side by side in each
 /// token's row (1 KiB per token, 256 bytes per head for a 1024 / 16 / 4 layer), a step over 16384 cached tokens took
-/// 1.14-1.6x the time (Zen 5, two threads).
+/// 1.1-1.6x the time (Zen 5, two threads).
 template <class S>
 class KVCache {
  public:

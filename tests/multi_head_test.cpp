@@ -286,10 +286,10 @@ TYPED_TEST(MultiHeadTest, CacheKeepsEachHeadApartAndKeepsEveryTokenAsItGrows) {
   cache.truncate(100);
   layer.forward_step(x.middleRows(200, 7), cache);
   ASSERT_EQ(cache.size(), 107);
-  EXPECT_TRUE(all_close(cache.keys().bottomRows(7), keys.middleRows(200, 7),
-                        this->tol() * (1 + keys.cwiseAbs().maxCoeff())));
-  EXPECT_TRUE(all_close(cache.values().topRows(100), values.topRows(100),
-                        this->tol() * (1 + values.cwiseAbs().maxCoeff())));
+  EXPECT_TRUE(
+      all_close(cache.keys().bottomRows(7), keys.middleRows(200, 7), this->tol() * (1 + keys.cwiseAbs().maxCoeff())));
+  EXPECT_TRUE(
+      all_close(cache.values().topRows(100), values.topRows(100), this->tol() * (1 + values.cwiseAbs().maxCoeff())));
 }
 
 TEST(MultiHeadDeterminism, LayerOutputIsBitIdenticalForAnyThreadCount) {

@@ -119,7 +119,7 @@ void multi_head_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBas
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
   detail::attend_heads<S>({{qv.view(), detail::HeadBlocks<S>::columns(kv.view(), kv_heads),
-                           detail::HeadBlocks<S>::columns(vv.view(), kv_heads), out.data(), out.outerStride()}},
+                            detail::HeadBlocks<S>::columns(vv.view(), kv_heads), out.data(), out.outerStride()}},
                           heads, kv_heads, slopes, options);
 }
 
@@ -169,6 +169,8 @@ class MultiHeadAttention;
 template <class S>
 class KVCache {
  public:
+  /// A cache for up to `capacity` tokens of kv_width keys (and values) each, in kv_heads heads of kv_width / kv_heads
+  /// (MultiHeadAttention::make_cache fills these in from the layer).
   KVCache(Index capacity, Index kv_width, Index kv_heads = 1)
       : capacity_(capacity), kv_width_(kv_width), kv_heads_(kv_heads) {
     if (capacity < 1 || kv_width < 1 || kv_heads < 1 || kv_width % kv_heads != 0)
@@ -394,7 +396,7 @@ class MultiHeadAttention {
     project(x_new, x_new, x_new, seq, cache.size(), threads);
     cache.append(seq.k, seq.v);
     Matrix<S> out(x_new.rows(), output_width());
-    attend_all({{view(seq.q), cache.heads(cache.keys_), cache.heads(cache.values_), seq.concat.data(),
+    attend_all({{detail::matrix_view(seq.q), cache.heads(cache.keys_), cache.heads(cache.values_), seq.concat.data(),
                  seq.concat.cols()}},
                o);
     finish(seq.concat, out, threads);
@@ -405,12 +407,11 @@ class MultiHeadAttention {
   struct Sequence {
     Matrix<S> q, k, v, concat;
   };
-  static detail::StridedView<S> view(const Matrix<S>& x) { return detail::matrix_view(x); }
-
   // The attention of one sequence over its own keys and values.
   detail::HeadsJob<S> job(Sequence& seq) const {
-    return {view(seq.q), detail::HeadBlocks<S>::columns(view(seq.k), c_.kv_heads),
-            detail::HeadBlocks<S>::columns(view(seq.v), c_.kv_heads), seq.concat.data(), seq.concat.cols()};
+    return {detail::matrix_view(seq.q), detail::HeadBlocks<S>::columns(detail::matrix_view(seq.k), c_.kv_heads),
+            detail::HeadBlocks<S>::columns(detail::matrix_view(seq.v), c_.kv_heads), seq.concat.data(),
+            seq.concat.cols()};
   }
 
   void attend_all(const std::vector<detail::HeadsJob<S>>& jobs, const AttentionOptions& options) const {

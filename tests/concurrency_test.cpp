@@ -212,5 +212,39 @@ TEST(Concurrency, ReleasingCachedWorkspacesWhileCallsRun) {
   for (int t = 0; t < kThreads; ++t) EXPECT_EQ(mismatches[size_t(t)], 0) << "thread " << t;
 }
 
+// The parallel loop under everything: with std::thread it borrows a pool kept between calls, which one call uses at a
+// time. Loops from eight threads at once, each with loops nested in its tasks (on the calling thread and on the
+// pool's), must each run every task exactly once, with no deadlock; under ThreadSanitizer, without a race.
+TEST(Concurrency, ParallelLoopsFromManyThreadsAndNestedRunEveryTaskOnce) {
+  constexpr Index kTasks = 37, kInner = 5;
+  std::vector<std::vector<std::atomic<int>>> outer(kThreads), inner(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    outer[size_t(t)] = std::vector<std::atomic<int>>(kTasks);
+    inner[size_t(t)] = std::vector<std::atomic<int>>(kTasks * kInner);
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      for (int r = 0; r < kCallsPerThread; ++r)
+        detail::parallel_for(
+            kTasks, t % 2 == 0 ? 2 : 0, [] { return 0; },
+            [&](Index task, int&) {
+              ++outer[size_t(t)][size_t(task)];
+              if (task % 3 == 0)
+                detail::parallel_for(
+                    kInner, 2, [] { return 0; },
+                    [&](Index i, int&) { ++inner[size_t(t)][size_t(task * kInner + i)]; });
+            });
+    });
+  for (std::thread& t : threads) t.join();
+  for (int t = 0; t < kThreads; ++t)
+    for (Index task = 0; task < kTasks; ++task) {
+      EXPECT_EQ(outer[size_t(t)][size_t(task)].load(), kCallsPerThread) << "thread " << t << ", task " << task;
+      for (Index i = 0; i < kInner; ++i)
+        EXPECT_EQ(inner[size_t(t)][size_t(task * kInner + i)].load(), task % 3 == 0 ? kCallsPerThread : 0)
+            << "thread " << t << ", task " << task << ", inner " << i;
+    }
+}
+
 }  // namespace
 }  // namespace attnkit::testing

@@ -33,13 +33,14 @@ inline int resolve_threads(int requested) {
 
 /// The threads parallel_for borrows when OpenMP is not used, started once and kept (as OpenMP keeps its own). Starting
 /// threads for every parallel loop, whose tile workspaces then started empty, made two-thread calls much slower than
-/// with OpenMP (Zen 5, best calls): SDPA n = 256, d = 64 184 us against 56 with the pool (OpenMP 56), n = 1024 1560
-/// against 740 (744), a decoding step of a 1024 / 16 / 4 layer over 16384 cached tokens 1265-1305 against 932-980
-/// (864-930). One call uses the pool at a time; a call that finds it in use (another thread's call, or a loop nested
-/// in a task) or wants more threads than it holds starts its own, as before. Every helper a call asks for runs its
-/// work, as every thread of an OpenMP team does, even when the others have taken every task: each then has its own
-/// workspace from the first call on, so a warm call allocates nothing. A forked child has none of the pool's threads;
-/// its calls start their own. Never destroyed: its threads wait for work until the process ends.
+/// with OpenMP (Zen 5, best calls, a noisy host): SDPA n = 256, d = 64 184 us against 56-74 with the pool (OpenMP
+/// 56), n = 1024 1560 against 733-753 (733-744), a decoding step of a 1024 / 16 / 4 layer over 16384 cached tokens
+/// 1265-1305 against 932-1136 (864-1111). One call uses the pool at a time; a call that finds it in use (another
+/// thread's call, or a loop nested in a task) or wants more threads than it holds starts its own, as before. Every
+/// helper a call asks for runs its work, as every thread of an OpenMP team does, even when the others have taken every
+/// task: each then has its own workspace from the first call on, so a warm call allocates nothing. A forked child has
+/// none of the pool's threads; its calls start their own. Never destroyed: its threads wait for work until the process
+/// ends.
 class ThreadPool {
  public:
   static ThreadPool& instance() {

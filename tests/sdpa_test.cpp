@@ -200,6 +200,34 @@ TYPED_TEST(SdpaTest, DecodingShapesOnOddHeadDimensionsAndStridedKeys) {
                         this->tol(m) * v.cwiseAbs().maxCoeff()));
 }
 
+// Decoding shapes whose keys and values are whole packets of one width in rows of that width (a KV cache's heads):
+// with AVX-512 floats, up to 4 query rows take each whole key tile in blocks of 16 keys (decode_tile: scores, softmax
+// step and P V per block), fetching rows ahead when keys and values exceed L2 (m = 3001 at d = 128: 3 MiB); other
+// shapes and tiles take the tile loop's path. Blocks ending mid-packet, causal rows whose last tile is partial,
+// split-K.
+TYPED_TEST(SdpaTest, DecodingShapesOfWholePacketsInTheirOwnRows) {
+  AttentionOptions causal;
+  causal.causal = true;
+  for (Index n : {1, 2, 3, 4, 5})
+    for (Index d : {16, 64, 80, 128})
+      for (Index m : {1, 15, 16, 17, 529, 3001}) this->check(n, m, d, d, (n + m) % 2 ? causal : AttentionOptions{}, {});
+}
+
+// A NaN in a key or a value every row sees reaches every row, through any block of 16 keys.
+TYPED_TEST(SdpaTest, NanInAKeyOrValueOfADecodingBlockReachesEveryRow) {
+  using S = TypeParam;
+  const Index n = 4, m = 3001, d = 64;
+  const Matrix<S> q = random_matrix<S>(n, d, 1);
+  for (const Index j : {0, 1500, 3000})
+    for (const bool in_key : {true, false}) {
+      Matrix<S> k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, d, 3);
+      (in_key ? k : v)(j, 5) = std::numeric_limits<S>::quiet_NaN();
+      const Matrix<S> out = scaled_dot_product_attention(q, k, v);
+      EXPECT_TRUE(in_key ? out.array().isNaN().all() : out.col(5).array().isNaN().all())
+          << "key " << j << (in_key ? " (in K)" : " (in V)");
+    }
+}
+
 TYPED_TEST(SdpaTest, SplitKeysAreBitIdenticalForAnyThreadCount) {
   using S = TypeParam;
   const Matrix<S> q = random_matrix<S>(2, 64, 1), k = random_matrix<S>(5000, 64, 2), v = random_matrix<S>(5000, 64, 3);

@@ -301,6 +301,24 @@ inline __m512 fold_sums(const __m512 (&a)[16]) {
   const __m512 f1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44), _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(f0, f1, 0x88), _mm512_shuffle_f32x4(f0, f1, 0xDD));
 }
+
+/// Lane j of the result: q . k_j for 16 keys, over the d = whole + popcount(tail) values of q and of the key rows
+/// key(0), ..., key(15), one packet of partial products per key, folded by fold_sums. `key` returns a row's address:
+/// keys at a constant stride let the compiler address them from one register.
+template <class KeyRow>
+inline __m512 dot_keys(const float* q, const KeyRow& key, Index whole, __mmask16 tail) {
+  __m512 acc[16];
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  for (Index p = 0; p < whole; p += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + p);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(key(j) + p), acc[j]);
+  }
+  if (tail) {
+    const __m512 qv = _mm512_maskz_loadu_ps(tail, q + whole);
+    for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, key(j) + whole), acc[j]);
+  }
+  return fold_sums(acc);
+}
 #endif
 
 /// Whether short_query_scores serves this call: at most a micro-kernel's rows of queries (decoding), keys with
@@ -337,23 +355,14 @@ void short_query_scores(const S* q, Index d, Index rows, const StridedView<S>& k
     const __mmask16 tail = __mmask16((1u << (d - whole)) - 1u);
     for (Index c = 0; c < cols; c += 16) {
       for (Index j = ahead_begin(c), end = ahead_begin(c + 16); j < end; ++j) prefetch_row(k.row(j), d);
-      for (Index j = values_begin(c), end = values_begin(c + 16); j < end; ++j) prefetch_row(values->row(j), values->cols);
+      for (Index j = values_begin(c), end = values_begin(c + 16); j < end; ++j)
+        prefetch_row(values->row(j), values->cols);
       const Index keys = std::min<Index>(16, cols - c);
       const float* kr[16];
       for (Index j = 0; j < 16; ++j) kr[j] = k.row(j0 + c + std::min(j, keys - 1));  // a short block repeats its last
       for (Index r = 0; r < rows; ++r) {
-        const float* qr = q + r * d;
-        __m512 acc[16];
-        for (auto& a : acc) a = _mm512_setzero_ps();
-        for (Index p = 0; p < whole; p += 16) {
-          const __m512 qv = _mm512_loadu_ps(qr + p);
-          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(kr[j] + p), acc[j]);
-        }
-        if (tail) {
-          const __m512 qv = _mm512_maskz_loadu_ps(tail, qr + whole);
-          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(tail, kr[j] + whole), acc[j]);
-        }
-        const __m512 sums = fold_sums(acc);
+        const __m512 sums = dot_keys(
+            q + r * d, [&](int j) { return kr[j]; }, whole, tail);
         _mm512_storeu_ps(s + r * lds + c, keys == 16 ? sums : _mm512_maskz_mov_ps(__mmask16((1u << keys) - 1u), sums));
       }
     }

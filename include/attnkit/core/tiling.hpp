@@ -98,7 +98,7 @@ struct AttentionWorkspace {
   Buffer queries, keys, values, scores, acc, alpha;
   std::vector<KeyRange> ranges, spans, strips;
   std::vector<SoftmaxState<S>> stats;
-  Lookahead ahead;  // rows the tile loop reads next: the next key tile's, or the next query tile's
+  Lookahead ahead;               // rows the tile loop reads next: the next key tile's, or the next query tile's
   KeyRange finite_values{0, 0};  // value rows this call has found finite (read in place), see finite_value_rows
 
   // Scalars of each buffer, in member order: queries, keys, values, scores, acc, alpha.
@@ -286,6 +286,106 @@ struct SoftmaxWeights {
   }
 };
 
+#if defined(EIGEN_VECTORIZE_AVX512)
+/// A decoding step's pass over a key tile that each of its R query rows sees whole (floats, AVX-512, unmodified
+/// scores; keys and values of D = 16 NP values in rows D apart, read in place): blocks of 16 keys, each taken through
+/// its scores (dot_keys), one online-softmax step per row and its P V product before the next block, with the rows'
+/// outputs in registers across the tile. A block's keys and values are so read together, and with `ahead` > 0 the key
+/// and value rows `ahead` keys further on are fetched into L1, a share of them before each row's products. The tile
+/// loop's path (scores of the whole tile, then its softmax step, then P V through the micro-kernel) read the keys and
+/// the values in two passes, each stalling on its own misses.
+/// q: R x D (scaled); acc: R rows at stride ldacc, and stats, the rows' running output and softmax state as the tile
+/// loop keeps them. A block whose scores are all -inf or hold a NaN takes online_softmax_step's rules.
+template <int R, int NP>
+void decode_tile(const float* q, const float* keys, const float* values, Index key_rows, Index j0, Index cols,
+                 SoftmaxState<float>* stats, float* acc, Index ldacc, Index ahead) {
+  constexpr Index D = 16 * NP;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const Index fetch_end = ahead > 0 ? key_rows : 0;
+  __m512 o[R][NP], sums[R];  // each row's output, and its sum of weights in this tile by lane
+  for (int r = 0; r < R; ++r) {
+    sums[r] = _mm512_setzero_ps();
+    for (int p = 0; p < NP; ++p) o[r][p] = _mm512_loadu_ps(acc + r * ldacc + 16 * p);
+  }
+  const auto rescale = [&](int r, float alpha) {
+    const __m512 a = _mm512_set1_ps(alpha);
+    for (int p = 0; p < NP; ++p) o[r][p] = _mm512_mul_ps(o[r][p], a);
+    sums[r] = _mm512_mul_ps(sums[r], a);
+  };
+  alignas(64) float w[R][16];
+  for (Index c = 0; c < cols; c += 16) {
+    const Index count = std::min<Index>(16, cols - c);
+    const float* const kb = keys + (j0 + c) * D;
+    const float* const vb = values + (j0 + c) * D;
+    const __mmask16 real = __mmask16((1u << count) - 1u);
+    for (int r = 0; r < R; ++r) {
+      for (Index j = std::min(fetch_end, j0 + c + ahead + r * 16 / R),
+                 end = std::min(fetch_end, j0 + c + ahead + (r + 1) * 16 / R);
+           j < end; ++j) {
+        prefetch_row<3>(keys + j * D, D);
+        prefetch_row<3>(values + j * D, D);
+      }
+      // A short block (a tile's last) reads its last key again in place of the missing ones, whose lanes become -inf.
+      const __m512 dots = count == 16
+                              ? dot_keys(
+                                    q + r * D, [&](int j) { return kb + j * D; }, D, 0)
+                              : dot_keys(
+                                    q + r * D, [&](int j) { return kb + std::min<Index>(j, count - 1) * D; }, D, 0);
+      const __m512 s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), real, dots);
+      SoftmaxState<float>& state = stats[r];
+      const float block_max = _mm512_reduce_max_ps(s);
+      if (!(block_max > kNegInf)) {
+        _mm512_store_ps(w[r], s);
+        state.sum += _mm512_reduce_add_ps(sums[r]), sums[r] = _mm512_setzero_ps();
+        rescale(r, online_softmax_step(w[r], count, state));
+        continue;
+      }
+      if (!(block_max <= state.max)) {  // a new maximum (or a NaN one, which stays NaN)
+        const float new_max = std::max(state.max, block_max), alpha = std::exp(state.max - new_max);
+        state.sum *= alpha, state.max = new_max;
+        rescale(r, alpha);
+      }
+      const __m512 e = exp_below(s, _mm512_set1_ps(state.max));  // the lanes past the block's keys: exactly 0
+      sums[r] = _mm512_add_ps(sums[r], e);
+      _mm512_store_ps(w[r], e);
+    }
+    for (Index j = 0; j < count; ++j) {
+      __m512 vv[NP];
+      for (int p = 0; p < NP; ++p) vv[p] = _mm512_loadu_ps(vb + j * D + 16 * p);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wj = _mm512_set1_ps(w[r][j]);
+        for (int p = 0; p < NP; ++p) o[r][p] = _mm512_fmadd_ps(wj, vv[p], o[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    stats[r].sum += _mm512_reduce_add_ps(sums[r]);
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(acc + r * ldacc + 16 * p, o[r][p]);
+  }
+}
+
+/// Rows (queries) of a decode_tile at most, and values (rows x d_v) it keeps in registers at most: 16 packets, half of
+/// the 32 registers (4 rows of 128 values spilled them, and took 1.15x the time of the tile loop's path).
+constexpr int kDecodeTileRows = 4;
+constexpr Index kDecodeTileValues = 256;
+
+/// decode_tile for 1..R rows and 1..NP packets per row (R x NP x 16 <= kDecodeTileValues).
+template <int R = kDecodeTileRows, int NP = 8>
+void decode_tile_of(int rows, int packets, const float* q, const float* keys, const float* values, Index key_rows,
+                    Index j0, Index cols, SoftmaxState<float>* stats, float* acc, Index ldacc, Index ahead) {
+  if constexpr (R > 1) {
+    if (rows < R)
+      return decode_tile_of<R - 1, NP>(rows, packets, q, keys, values, key_rows, j0, cols, stats, acc, ldacc, ahead);
+  }
+  if constexpr (NP > 1) {
+    if (packets < NP)
+      return decode_tile_of<R, NP - 1>(rows, packets, q, keys, values, key_rows, j0, cols, stats, acc, ldacc, ahead);
+  }
+  if constexpr (R * NP * 16 <= kDecodeTileValues)
+    decode_tile<R, NP>(q, keys, values, key_rows, j0, cols, stats, acc, ldacc, ahead);
+}
+#endif
+
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
 /// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
@@ -320,6 +420,20 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const bool keys_ahead =
       short_queries && Index(sizeof(S)) * (k.rows * std::max(k.row_stride, d) + v.rows * std::max(v.row_stride, dv)) >
                            last_level_cache_bytes() / 4 * 3;
+
+#if defined(EIGEN_VECTORIZE_AVX512)
+  // A decoding step's whole tiles go through decode_tile when their scores are unmodified and their keys and values
+  // are rows of one width d <= 128 (whole packets), d apart (a single head's, or a KV cache's head), and at most
+  // kDecodeTileValues outputs. Its rows fetch the key and value rows 8 KiB (of keys) ahead when the keys and values
+  // do not fit in L2; for keys in L2 that cost more than it saved (one row, m = 2048, d = 64: 1.3x the time).
+  const bool decode_tiles = std::is_same_v<S, float> && std::is_same_v<Weights, SoftmaxWeights> && short_queries &&
+                            values_in_place && !mask.modifies_scores() && d == dv && dv <= 128 && k.group_rows == 0 &&
+                            k.row_stride == d && v.row_stride == dv && n <= kDecodeTileRows &&
+                            n * dv <= kDecodeTileValues;
+  const Index decode_ahead = Index(sizeof(S)) * (k.rows * d + v.rows * dv) > l2_cache_bytes()
+                                 ? std::max<Index>(8192 / (Index(sizeof(S)) * d), 1)
+                                 : 0;
+#endif
 
   // Queues the rows the loop reads next and has not read lately, to be fetched a few lines per micro-kernel call of
   // the current key tile (cols keys): the next key tile's keys and values from seen_end on (the keys before it were
@@ -414,6 +528,15 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       S* const qrows = ws.queries.data() + r0 * d;
       S* const acc = ws.acc.data() + r0 * dv_pad;
       S* const alpha = ws.alpha.data() + r0;
+#if defined(EIGEN_VECTORIZE_AVX512)
+      if constexpr (std::is_same_v<S, float>) {
+        if (decode_tiles && kind == TileKind::kFull) {
+          decode_tile_of(int(rows), int(dv / 16), qrows, k.data, v.data, k.rows, j0, cols, ws.stats.data() + r0, acc,
+                         dv_pad, decode_ahead);
+          return;
+        }
+      }
+#endif
       // The P V product reads these rows in place: fetch them while Q K^T runs. Not in one burst for a decoding step
       // (1.3x slower ahead of its short products): short_query_scores spreads them over its blocks of keys.
       if (values_in_place && !short_queries && !packed)

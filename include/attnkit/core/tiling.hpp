@@ -369,9 +369,10 @@ void decode_tile(const float* q, const float* keys, const float* values, Index k
 constexpr int kDecodeTileRows = 4;
 constexpr Index kDecodeTileValues = 256;
 
-/// decode_tile for 1..R rows and 1..NP packets per row (R x NP x 16 <= kDecodeTileValues).
+/// decode_tile for 1..R rows and 1..NP packets per row; false (and nothing done) for a shape it has no kernel for
+/// (R x NP x 16 > kDecodeTileValues), which the caller then computes on the tile loop's path.
 template <int R = kDecodeTileRows, int NP = 8>
-void decode_tile_of(int rows, int packets, const float* q, const float* keys, const float* values, Index key_rows,
+bool decode_tile_of(int rows, int packets, const float* q, const float* keys, const float* values, Index key_rows,
                     Index j0, Index cols, SoftmaxState<float>* stats, float* acc, Index ldacc, Index ahead) {
   if constexpr (R > 1) {
     if (rows < R)
@@ -381,8 +382,12 @@ void decode_tile_of(int rows, int packets, const float* q, const float* keys, co
     if (packets < NP)
       return decode_tile_of<R, NP - 1>(rows, packets, q, keys, values, key_rows, j0, cols, stats, acc, ldacc, ahead);
   }
-  if constexpr (R * NP * 16 <= kDecodeTileValues)
+  if constexpr (R * NP * 16 <= kDecodeTileValues) {
     decode_tile<R, NP>(q, keys, values, key_rows, j0, cols, stats, acc, ldacc, ahead);
+    return true;
+  } else {
+    return false;
+  }
 }
 #endif
 
@@ -530,11 +535,10 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       S* const alpha = ws.alpha.data() + r0;
 #if defined(EIGEN_VECTORIZE_AVX512)
       if constexpr (std::is_same_v<S, float>) {
-        if (decode_tiles && kind == TileKind::kFull) {
-          decode_tile_of(int(rows), int(dv / 16), qrows, k.data, v.data, k.rows, j0, cols, ws.stats.data() + r0, acc,
-                         dv_pad, decode_ahead);
+        if (decode_tiles && kind == TileKind::kFull &&
+            decode_tile_of(int(rows), int(dv / 16), qrows, k.data, v.data, k.rows, j0, cols, ws.stats.data() + r0, acc,
+                           dv_pad, decode_ahead))
           return;
-        }
       }
 #endif
       // The P V product reads these rows in place: fetch them while Q K^T runs. Not in one burst for a decoding step

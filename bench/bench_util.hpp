@@ -63,12 +63,17 @@ inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
 /// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.
 inline double attention_flops(double pairs, Index d, Index dv) { return pairs * 2.0 * double(d + dv); }
 
-/// Adds the standard counters: GFLOP/s by the family's FLOP count, percent of the FMA peak of `threads` cores, and
-/// the peak heap of one call.
+/// Adds the standard counters: GFLOP/s by the family's FLOP count, percent of the FMA peak of `threads` cores (of the
+/// mean call, and, after run_timed, pct_peak_best of its fastest call: the peak is the best of its trials, and on a
+/// shared host other tenants only slow a call down, so the two bracket the kernel's own rate), and the peak heap of
+/// one call.
 inline void report(benchmark::State& state, double flops, int threads, int64_t heap_bytes) {
   state.counters["GFLOPs"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["pct_peak"] = benchmark::Counter(100.0 * flops / (fma_peak_flops_per_core() * threads),
                                                   benchmark::Counter::kIsIterationInvariantRate);
+  const auto best = state.counters.find("best_ms");
+  if (best != state.counters.end() && best->second.value > 0)
+    state.counters["pct_peak_best"] = 100.0 * flops / (best->second.value * 1e-3 * fma_peak_flops_per_core() * threads);
   state.counters["heap_MiB"] = double(heap_bytes) / (1024.0 * 1024.0);
 }
 

@@ -340,7 +340,7 @@ void decode_tile(const float* q, const float* keys, const float* values, Index k
         rescale(r, online_softmax_step(w[r], count, state));
         continue;
       }
-      if (!(block_max <= state.max)) {  // a new maximum (or a NaN one, which stays NaN)
+      if (!(block_max <= state.max)) {  // a new maximum (or a row already NaN, whose max stays NaN)
         const float new_max = std::max(state.max, block_max), alpha = std::exp(state.max - new_max);
         state.sum *= alpha, state.max = new_max;
         rescale(r, alpha);

@@ -114,6 +114,14 @@ BENCHMARK(BM_Dense)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
+// The memory's share of the growth targets, measured in the same run (bench_util.hpp).
+BENCHMARK(BM_StreamFloor)
+    ->ArgNames({"work", "panel"})
+    ->ArgsProduct({stream_floor_work(), {16, 256}})
+    ->MinTime(2.0)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
 }  // namespace
 }  // namespace attnkit::bench
 

@@ -15,6 +15,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace attnkit::bench {
 
@@ -58,6 +59,25 @@ inline void report_read_rate(benchmark::State& state, double bytes, int threads,
 /// Reports KV_GBps (`bytes` of K and V per call) and pct_read_bw against the streaming read of as many bytes.
 inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
   report_read_rate(state, bytes, threads, "KV_GBps", "pct_read_bw");
+}
+
+/// The memory system's part in a growth figure (time at 65536 rows over time at 4096: 16 for linear cost).
+/// BM_StreamFloor times passes over rows of kFloorWidth floats that read a row of each of three inputs and write an
+/// output row, as attention reads q, k and v and writes its output once, with `work` micro-kernel steps per row in
+/// between over a panel of `panel` KiB that stays in the cache (as a tiled kernel's packed operands and scores do). At
+/// kFloorSmall rows its 4 MiB stay in the caches from one call to the next; at kFloorLarge (64 MiB) every row comes
+/// from memory and goes back. The rows are read in order, where the hardware prefetcher does best, so floor_growth (the
+/// ratio of the two sizes' fastest passes) at a given pace (ns_per_row, at the small size) is what the memory adds to a
+/// kernel that moves those bytes at that pace with such a working set. It falls as the pace slows and depends on the
+/// working set: on the Zen 5 VM, at about 150 ns per row 16.8-17.4 with a 16 KiB panel (L1) and 17.5-18.5 with 256 KiB
+/// (L2), at 450 ns 16.3-17.1 (runs of 2026-12-05). bench/plot.py reads it at each sparse and linear kernel's own pace.
+constexpr Index kFloorWidth = 64, kFloorSmall = 4096, kFloorLarge = 65536;
+void BM_StreamFloor(benchmark::State& state);  // args: work, panel (KiB)
+/// Work levels (micro-kernel steps per row): paces from about 30 ns to 1.8 us per row on that VM, beyond the slowest
+/// kernel's (Performer, about 1.4 us per row at n = 4096).
+inline const std::vector<int64_t>& stream_floor_work() {
+  static const std::vector<int64_t> work = {16, 32, 64, 128, 256, 512, 1024};
+  return work;
 }
 
 /// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.

@@ -8,6 +8,7 @@ key:value parts are parameters. Each binary is one family (bench_sdpa -> sdpa).
 """
 import glob
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -41,7 +42,7 @@ def load(results):
                 "heap_mib": b.get("heap_MiB"), "workspace_mib": b.get("workspace_MiB"), "kv_gbps": b.get("KV_GBps"),
                 "pct_read_bw": b.get("pct_read_bw"), "kept_mib": b.get("kept_MiB"), "max_err": b.get("max_err"),
                 "step_gbps": b.get("step_GBps"), "pct_step_read_bw": b.get("pct_step_read_bw"),
-                "best_ms": b.get("best_ms"),
+                "best_ms": b.get("best_ms"), "floor_growth": b.get("floor_growth"), "ns_per_row": b.get("ns_per_row"),
             })
     return rows, context
 
@@ -118,6 +119,41 @@ def growth(runs, small, large):
     return f"{mean:.1f}"
 
 
+def floor_at(rows, family, runs, small=4096):
+    """The memory's floor under a growth figure (BM_StreamFloor, bench_util.hpp): its floor_growth at the pace of a
+    series' fastest call at n = small (ns per row), interpolated in log pace between the work levels around it, per
+    panel size; "low-high" over the panels, "" without floor rows or a best call."""
+    if small not in runs or not runs[small].get("best_ms"):
+        return ""
+    pace = runs[small]["best_ms"] * 1e6 / small
+    panels = defaultdict(list)
+    for r in rows:
+        if r["family"] == family and r["variant"] == "StreamFloor" and r["floor_growth"] and r["ns_per_row"]:
+            panels[r["params"]["panel"]].append((r["ns_per_row"], r["floor_growth"]))
+    values = []
+    for points in panels.values():
+        points.sort()
+        if pace <= points[0][0]:
+            values.append(points[0][1])
+        elif pace >= points[-1][0]:
+            values.append(points[-1][1])
+        else:
+            for (p0, g0), (p1, g1) in zip(points, points[1:]):
+                if p0 <= pace <= p1:
+                    t = (math.log(pace) - math.log(p0)) / (math.log(p1) - math.log(p0)) if p1 > p0 else 0.0
+                    values.append(g0 + t * (g1 - g0))
+                    break
+    if not values:
+        return ""
+    return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+FLOOR_NOTE = ("Floor: the growth of a plain pass that reads three rows and writes one per query row at the kernel's "
+              "own pace (time per row at n = 4096, fastest call) with a cache-resident working set of 16 or 256 KiB "
+              "(BM_StreamFloor in bench_util.hpp), measured in the same run: what the memory adds at that pace to a kernel "
+              "that reads its inputs and writes its output once, however well it prefetches.")
+
+
 def sparse_section(rows):
     """Per sparse pattern: time, GFLOP/s on the allowed pairs, and both as ratios to dense attention at the same n."""
     dense = {int(r["params"]["n"]): r for r in rows
@@ -137,10 +173,11 @@ def sparse_section(rows):
             ratio = f"{r['gflops'] / d['gflops']:.2f}" if d and r["gflops"] and d["gflops"] else ""
             speedup = f"{d['ms'] / r['ms']:.1f}x" if d else ""
             lines.append(f"| {pattern} | {n} | {r['ms']:.3f} | {fmt(r['gflops'])} | {ratio} | {speedup} |")
-    lines += ["", "| pattern | time(65536) / time(4096), best calls (linear = 16) |", "|---|---:|"]
-    for pattern, runs in by_pattern.items():
-        if 4096 in runs and 65536 in runs:
-            lines.append(f"| {pattern} | {growth(runs, 4096, 65536)} |")
+    grown = [(pattern, runs) for pattern, runs in by_pattern.items() if 4096 in runs and 65536 in runs]
+    if grown:
+        lines += ["", FLOOR_NOTE, "",
+                  "| pattern | time(65536) / time(4096), best calls (linear = 16) | floor at its pace |", "|---|---:|---:|"]
+        lines += [f"| {pattern} | {growth(runs, 4096, 65536)} | {floor_at(rows, 'sparse', runs)} |" for pattern, runs in grown]
     return lines
 
 
@@ -165,9 +202,11 @@ def linear_section(rows):
                 first = n
             lines.append(f"| {name} | {causal} | {n} | {r['ms']:.3f} | {e['ms']:.3f} | {e['ms'] / r['ms']:.1f}x | "
                          f"{fmt(r['heap_mib'], 2)} |" if e else f"| {name} | {causal} | {n} | {r['ms']:.3f} | | | |")
-        crossover.append(f"| {name} | {causal} | {first if first else 'not reached'} | {growth(runs, 4096, 65536)} |")
-    lines += ["", "| map | causal | faster than exact from n = | time(65536) / time(4096), best calls (linear = 16) |",
-              "|---|---|---:|---:|"] + crossover
+        crossover.append(f"| {name} | {causal} | {first if first else 'not reached'} | {growth(runs, 4096, 65536)} | "
+                         f"{floor_at(rows, 'linear', runs)} |")
+    lines += ["", FLOOR_NOTE, "",
+              "| map | causal | faster than exact from n = | time(65536) / time(4096), best calls (linear = 16) | "
+              "floor at its pace |", "|---|---|---:|---:|---:|"] + crossover
     steps = [r for r in rows if r["family"] == "linear" and r["variant"] == "RecurrentStep"]
     if steps:
         lines += ["", "| recurrent decode step | after length | time (us) |", "|---|---:|---:|"]

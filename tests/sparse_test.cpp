@@ -236,6 +236,30 @@ TYPED_TEST(SparseTest, CombinesWithEveryOption) {
     for (const Case& c : cases(67, 67)) expect_matches<S>(c, 67, 67, 6, 5, opt, seed += 3);
 }
 
+TYPED_TEST(SparseTest, ALoneBandRunsAsTheDenseSlidingWindow) {
+  using S = TypeParam;
+  // A pattern whose only direct term is a band runs its band as a window of the dense kernel: on the same tiles the
+  // two agree bit for bit, with the options' own window, causal mask and alignment folded in.
+  unsigned seed = 350;
+  for (const auto& [n, m] : {std::pair<Index, Index>{1, 1}, {7, 7}, {65, 65}, {257, 257}, {31, 100}, {100, 31}}) {
+    for (const Index w : {0, 3, 64}) {
+      for (const bool causal : {false, true}) {
+        AttentionOptions o;
+        o.causal = causal, o.query_tile = 12, o.key_tile = 32, o.window_right = 5;
+        o.align = (n + m + w) % 2 ? CausalAlign::kTopLeft : CausalAlign::kBottomRight;
+        AttentionOptions window = o;
+        window.window_left = w, window.window_right = std::min<Index>(w, 5);
+        const Matrix<S> q = random_matrix<S>(n, 9, seed), k = random_matrix<S>(m, 9, seed + 1),
+                        v = random_matrix<S>(m, 16, seed + 2);
+        seed += 3;
+        EXPECT_TRUE(sparse_attention(q, k, v, SparsePattern::local(w), o) ==
+                    scaled_dot_product_attention(q, k, v, window))
+            << "n=" << n << " m=" << m << " w=" << w << (causal ? " causal" : "");
+      }
+    }
+  }
+}
+
 TYPED_TEST(SparseTest, SameResultForAnyThreadCount) {
   using S = TypeParam;
   const Index n = 700;

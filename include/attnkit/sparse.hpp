@@ -4,7 +4,7 @@
 // How it runs on the core's tile loop. A pattern is a union of terms of two kinds:
 //  - direct terms (local band, fixed's segment, block layout) are intervals or tiles in the original key order: one
 //    fused call walks, per query tile, only the key spans those terms touch; tiles are empty, full or partial, and
-//    only partial tiles evaluate the per-element rule;
+//    only partial tiles evaluate the per-element rule (a lone band is a sliding window: the dense mask model runs it);
 //  - gathered terms (atrous residue classes, fixed's summary columns) are strided: their keys (and, for atrous, their
 //    queries) are viewed as dense sub-problems through strided views, so the inner loop stays the dense micro-kernel
 //    and nothing is copied. A gathered call masks out the keys an earlier term already counted.
@@ -590,6 +590,20 @@ AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionO
   return o;
 }
 
+/// When the direct terms are a single band and rows are not scaled by their key counts (which count every term's
+/// keys): the options with the band folded into their window (window_left >= 0). Otherwise window_left is -1.
+template <class S>
+AttentionOptions band_as_window(const SparseProblem<S>& p, const AttentionOptions& o) {
+  AttentionOptions w = o;
+  w.window_left = -1;
+  if (p.direct.size() != 1 || p.direct.front().kind != SparsePattern::Kind::kBand || o.log_n_scale) return w;
+  const SparsePattern::Term& band = p.direct.front();
+  const auto narrower = [](Index window, Index width) { return window < 0 ? width : std::min(window, width); };
+  w.window_left = narrower(o.window_left, band.left);
+  w.window_right = narrower(o.window_right, band.right);
+  return w;
+}
+
 template <class S>
 void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S>& k, const StridedView<S>& v,
                  const SparsePattern& pattern, const AttentionOptions& options, const AttentionOutput<S>& out) {
@@ -626,6 +640,12 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       for (Index i = 0; i < n; ++i) std::fill(out.row(i), out.row(i) + dv, S(0));
       lse.setConstant(-std::numeric_limits<S>::infinity());
     }
+  } else if (const AttentionOptions window = band_as_window(p, o); window.window_left >= 0) {
+    // One band and nothing else direct: the band is a sliding window, and the dense kernel's own mask model runs it
+    // on the same tiles, without the pattern's per-row bookkeeping (local(128) at n = 16384: 0.93-0.97x the time).
+    run_attention<S, MaskModel<S>>({{q, k, v, MaskModel<S>(n, m, window, {}), scale,
+                                     AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},
+                                   window);
   } else {
     run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale,
                                           AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},

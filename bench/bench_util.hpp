@@ -68,9 +68,9 @@ inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
 /// kFloorSmall rows its 4 MiB stay in the caches from one call to the next; at kFloorLarge (64 MiB) every row comes
 /// from memory and goes back. The rows are read in order, where the hardware prefetcher does best, so floor_growth (the
 /// ratio of the two sizes' fastest passes) at a given pace (ns_per_row, at the small size) is what the memory adds to a
-/// kernel that moves those bytes at that pace with such a working set. It falls as the pace slows and depends on the
-/// working set: on the Zen 5 VM, at about 150 ns per row 16.8-17.4 with a 16 KiB panel (L1) and 17.5-18.5 with 256 KiB
-/// (L2), at 450 ns 16.3-17.1 (runs of 2026-12-05). bench/plot.py reads it at each sparse and linear kernel's own pace.
+/// kernel that moves those bytes at that pace with such a working set. It falls as the pace slows, and moves with the
+/// working set and the host: on the Zen 5 VM of 2026-12-05, 16.8-19 at about 150 ns per row and 16.3-17.7 at 450 ns,
+/// from run to run. bench/plot.py reads it at each sparse and linear kernel's own pace.
 constexpr Index kFloorWidth = 64, kFloorSmall = 4096, kFloorLarge = 65536;
 void BM_StreamFloor(benchmark::State& state);  // args: work, panel (KiB)
 /// Work levels (micro-kernel steps per row): paces from about 30 ns to 1.8 us per row on that VM, beyond the slowest

@@ -150,8 +150,8 @@ def floor_at(rows, family, runs, small=4096):
 
 FLOOR_NOTE = ("Floor: the growth of a plain pass that reads three rows and writes one per query row at the kernel's "
               "own pace (time per row at n = 4096, fastest call) with a cache-resident working set of 16 or 256 KiB "
-              "(BM_StreamFloor in bench_util.hpp), measured in the same run: what the memory adds at that pace to a kernel "
-              "that reads its inputs and writes its output once, however well it prefetches.")
+              "(BM_StreamFloor in bench_util.hpp), measured in the same run: what the memory adds at that pace to a "
+              "kernel that reads its inputs and writes its output once, however well it prefetches.")
 
 
 def sparse_section(rows):
@@ -175,9 +175,10 @@ def sparse_section(rows):
             lines.append(f"| {pattern} | {n} | {r['ms']:.3f} | {fmt(r['gflops'])} | {ratio} | {speedup} |")
     grown = [(pattern, runs) for pattern, runs in by_pattern.items() if 4096 in runs and 65536 in runs]
     if grown:
-        lines += ["", FLOOR_NOTE, "",
-                  "| pattern | time(65536) / time(4096), best calls (linear = 16) | floor at its pace |", "|---|---:|---:|"]
-        lines += [f"| {pattern} | {growth(runs, 4096, 65536)} | {floor_at(rows, 'sparse', runs)} |" for pattern, runs in grown]
+        lines += ["", FLOOR_NOTE, "", "| pattern | time(65536) / time(4096), best calls (linear = 16) | "
+                  "floor at its pace |", "|---|---:|---:|"]
+        lines += [f"| {pattern} | {growth(runs, 4096, 65536)} | {floor_at(rows, 'sparse', runs)} |"
+                  for pattern, runs in grown]
     return lines
 
 

@@ -163,12 +163,7 @@ BENCHMARK(BM_RecurrentStep)
     ->Unit(benchmark::kMicrosecond);
 
 // The memory's share of the growth targets, measured in the same run (bench_util.hpp).
-BENCHMARK(BM_StreamFloor)
-    ->ArgNames({"work", "panel"})
-    ->ArgsProduct({stream_floor_work(), {16, 256}})
-    ->MinTime(2.0)
-    ->UseRealTime()
-    ->Unit(benchmark::kMillisecond);
+[[maybe_unused]] const bool kStreamFloor = register_stream_floor();
 
 }  // namespace
 }  // namespace attnkit::bench

@@ -15,7 +15,6 @@
 #include <map>
 #include <random>
 #include <string>
-#include <vector>
 
 namespace attnkit::bench {
 
@@ -73,11 +72,18 @@ inline void report_kv_rate(benchmark::State& state, double bytes, int threads) {
 /// from run to run. bench/plot.py reads it at each sparse and linear kernel's own pace.
 constexpr Index kFloorWidth = 64, kFloorSmall = 4096, kFloorLarge = 65536;
 void BM_StreamFloor(benchmark::State& state);  // args: work, panel (KiB)
-/// Work levels (micro-kernel steps per row): paces from about 30 ns to 1.8 us per row on that VM, beyond the slowest
-/// kernel's (Performer, about 1.4 us per row at n = 4096).
-inline const std::vector<int64_t>& stream_floor_work() {
-  static const std::vector<int64_t> work = {16, 32, 64, 128, 256, 512, 1024};
-  return work;
+
+/// Registers BM_StreamFloor in a benchmark binary (bench_sparse and bench_linear, once each, at static initialisation)
+/// and returns true. Work levels (micro-kernel steps per row) give paces from about 30 ns to 1.7 us per row on that
+/// VM, beyond the slowest kernel's (Performer, about 1.3 us per row at n = 4096); at least 2 s each.
+inline bool register_stream_floor() {
+  benchmark::RegisterBenchmark("BM_StreamFloor", BM_StreamFloor)
+      ->ArgNames({"work", "panel"})
+      ->ArgsProduct({{16, 32, 64, 128, 256, 512, 1024}, {16, 256}})
+      ->MinTime(2.0)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+  return true;
 }
 
 /// FLOPs of exact attention over `pairs` allowed (query, key) pairs: 2 d for q.k plus 2 d_v for p v.

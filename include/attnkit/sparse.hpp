@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -591,14 +592,13 @@ AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionO
 }
 
 /// When the direct terms are a single band and rows are not scaled by their key counts (which count every term's
-/// keys): the options with the band folded into their window (window_left >= 0). Otherwise window_left is -1.
+/// keys): the options with the band folded into their window. Otherwise nothing.
 template <class S>
-AttentionOptions band_as_window(const SparseProblem<S>& p, const AttentionOptions& o) {
-  AttentionOptions w = o;
-  w.window_left = -1;
-  if (p.direct.size() != 1 || p.direct.front().kind != SparsePattern::Kind::kBand || o.log_n_scale) return w;
+std::optional<AttentionOptions> band_as_window(const SparseProblem<S>& p, const AttentionOptions& o) {
+  if (p.direct.size() != 1 || p.direct.front().kind != SparsePattern::Kind::kBand || o.log_n_scale) return {};
   const SparsePattern::Term& band = p.direct.front();
   const auto narrower = [](Index window, Index width) { return window < 0 ? width : std::min(window, width); };
+  AttentionOptions w = o;
   w.window_left = narrower(o.window_left, band.left);
   w.window_right = narrower(o.window_right, band.right);
   return w;
@@ -640,12 +640,12 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       for (Index i = 0; i < n; ++i) std::fill(out.row(i), out.row(i) + dv, S(0));
       lse.setConstant(-std::numeric_limits<S>::infinity());
     }
-  } else if (const AttentionOptions window = band_as_window(p, o); window.window_left >= 0) {
+  } else if (const std::optional<AttentionOptions> window = band_as_window(p, o)) {
     // One band and nothing else direct: the band is a sliding window, and the dense kernel's own mask model runs it
     // on the same tiles, without the pattern's per-row bookkeeping (local(128) at n = 16384: 0.93-0.97x the time).
-    run_attention<S, MaskModel<S>>({{q, k, v, MaskModel<S>(n, m, window, {}), scale,
+    run_attention<S, MaskModel<S>>({{q, k, v, MaskModel<S>(n, m, *window, {}), scale,
                                      AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},
-                                   window);
+                                   *window);
   } else {
     run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale,
                                           AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},

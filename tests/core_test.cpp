@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -423,7 +424,7 @@ TEST(StoreScaled, WritesExactlyTheScaledRowAtAnyOffsetStreamingOrNot) {
   check_store_scaled<double>();
 }
 
-TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheLastLevelCache) {
+TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheCacheTheyCountOn) {
   const Index llc = last_level_cache_bytes();
   EXPECT_GE(llc, Index(64) << 10);  // a real cache size, read once
   EXPECT_EQ(llc, last_level_cache_bytes());
@@ -433,9 +434,15 @@ TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheLastLevelCache) {
   if (CacheLevels::read().bytes[2] > 0) {  // sysfs first, as for the last level
     EXPECT_EQ(l2, CacheLevels::read().bytes[2]);
   }
-  EXPECT_TRUE(streams_past_cache(llc + 1, llc / 8 + 1));
-  EXPECT_FALSE(streams_past_cache(llc, llc / 2));      // fits in the cache
-  EXPECT_FALSE(streams_past_cache(4 * llc, llc / 8));  // a small output (a decoding step's partial rows)
+  EXPECT_TRUE(exceeds_cache(llc + 1, llc / 8 + 1, llc));
+  EXPECT_FALSE(exceeds_cache(llc, llc / 2, llc));      // fits in the cache
+  EXPECT_FALSE(exceeds_cache(4 * llc, llc / 8, llc));  // a small output (a decoding step's partial rows)
+  // Streaming stores: past the part of the last-level cache an output counts on, at most kCachePerCpu per CPU.
+  const Index out = output_cache_bytes(), cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
+  EXPECT_EQ(out, std::min(llc, cpus * kCachePerCpu));
+  EXPECT_TRUE(streams_past_cache(out + 1, out / 8 + 1));
+  EXPECT_FALSE(streams_past_cache(out, out / 2));
+  EXPECT_FALSE(streams_past_cache(4 * out, out / 8));
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

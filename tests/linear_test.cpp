@@ -178,13 +178,13 @@ TYPED_TEST(LinearTest, EfficientAttentionRescalesAsColumnMaximaRiseAcrossChunks)
   }
 }
 
-// Calls larger than the last-level cache write their output past the caches (streaming stores): its rows equal, bit
+// Calls larger than the cache an output counts on write it past the caches (streaming stores): its rows equal, bit
 // for bit, those of calls small enough to write through the caches, a slice of the queries (non-causal, Efficient
 // Attention) and the recurrent state (causal).
 TEST(LinearFloatTest, OutputWrittenPastTheCachesEqualsTheCachedPath) {
   using S = float;
   const Index d = 8, dv = 8;
-  const Index n = detail::last_level_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;  // inputs + output
+  const Index n = detail::output_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;  // inputs + output
   ASSERT_TRUE(detail::streams_past_cache(2 * n * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
   const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(n, d, 2), v = random_matrix<S>(n, dv, 3);
   const Index s0 = n / 3, rows = 301;

@@ -460,14 +460,14 @@ TYPED_TEST(SdpaTest, TileSizesDoNotChangeTheResultBeyondRounding) {
 
 using testing::expect_error;
 
-// A call larger than the last-level cache writes its output past the caches (streaming stores): its rows equal, bit
+// A call larger than the cache an output counts on writes it past the caches (streaming stores): its rows equal, bit
 // for bit, those of a call on a slice of the queries, small enough to write through the caches (a row's result does
 // not depend on its query tile). Odd head sizes leave rows that start mid-packet.
 TEST(SdpaFloat, OutputWrittenPastTheCachesEqualsTheCachedPath) {
   using S = float;
   for (const auto& [d, dv] : {std::pair<Index, Index>{8, 16}, {5, 7}}) {
     const Index m = 40;
-    const Index n = detail::last_level_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 5 / 4;
+    const Index n = detail::output_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 5 / 4;
     ASSERT_TRUE(detail::streams_past_cache((n + m) * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
     const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
     const Matrix<S> full = scaled_dot_product_attention(q, k, v);

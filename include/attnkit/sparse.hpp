@@ -632,6 +632,9 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   // and block patterns have none (an n-entry vector and a log per row fewer), the last gathered term only reads it.
   const bool need_lse = out.lse != nullptr || p.continues_rows();
   Vector<S> lse(need_lse ? n : 0);
+  // The direct call's rows, which the gathered terms continue: written through the caches.
+  AttentionOutput<S> direct_out{out.data, out.stride, need_lse ? lse.data() : nullptr};
+  direct_out.reread = !p.gathered.empty();
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
     const bool covered =
@@ -643,13 +646,9 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   } else if (const std::optional<AttentionOptions> window = band_as_window(p, o)) {
     // One band and nothing else direct: the band is a sliding window, and the dense kernel's own mask model runs it
     // on the same tiles, without the pattern's per-row bookkeeping (local(128) at n = 16384: 0.93-0.97x the time).
-    run_attention<S, MaskModel<S>>({{q, k, v, MaskModel<S>(n, m, *window, {}), scale,
-                                     AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},
-                                   *window);
+    run_attention<S, MaskModel<S>>({{q, k, v, MaskModel<S>(n, m, *window, {}), scale, direct_out}}, *window);
   } else {
-    run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale,
-                                          AttentionOutput<S>{out.data, out.stride, need_lse ? lse.data() : nullptr}}},
-                                    o);
+    run_attention<S, SparseMask<S>>({Call{q, k, v, SparseMask<S>(&p, -1, {}, {}), scale, direct_out}}, o);
   }
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
@@ -665,6 +664,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
           dst.lse_stride = rows_of.stride;
           dst.continues = continues;
           dst.keeps_lse = out.lse != nullptr || g + 1 < Index(p.gathered.size());  // read by a later term or the caller
+          dst.reread = g + 1 < Index(p.gathered.size());
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;
           // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes

@@ -10,8 +10,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <limits>
+#include <thread>
 #include <tuple>
 #include <utility>
 #include <vector>

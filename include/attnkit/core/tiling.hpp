@@ -230,9 +230,14 @@ class CachedWorkspace {
 /// With `continues`, out and lse already hold attention over other keys (normalised over them; lse -inf where there
 /// were none): the call folds its own keys into them, as merge_into would fold in its separate result (the same up to
 /// rounding), and leaves the attention over both and its log-sum-exp. Softmax weights only; lse must be given.
-/// `keeps_lse` false: lse is only read (a last continuing call whose caller wants the rows alone). `reread`: a later
-/// call continues these rows, so they are written through the caches however large the call (streaming them out
-/// made strided(128) at n = 16384 and 65536 1.05-1.09x slower).
+/// `keeps_lse` false: lse is only read (a last continuing call whose caller wants the rows alone). `write` says how the
+/// rows are stored (OutputWrite).
+/// How a fused call stores its output rows. kAuto: with streaming stores when the call is larger than the cache an
+/// output can count on (streams_past_cache). kCached: through the caches, because a later call continues the rows
+/// (streaming them out made strided(128) at n = 16384 and 65536 1.05-1.09x slower). kStreamed: past the caches, because
+/// the call is one of many whose rows together exceed that cache (a sparse pattern's residue classes).
+enum class OutputWrite { kAuto, kCached, kStreamed };
+
 template <class S>
 struct AttentionOutput {
   S* data;
@@ -243,7 +248,7 @@ struct AttentionOutput {
   Index lse_stride = 1;
   bool continues = false;
   bool keeps_lse = true;
-  bool reread = false;
+  OutputWrite write = OutputWrite::kAuto;
 
   bool writes_lse() const { return lse != nullptr && keeps_lse; }
 
@@ -423,7 +428,8 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   // larger than the part of it an output can count on writes its output past the caches.
   const Index bytes = Index(sizeof(S)) * ((n + m) * d + (n + m) * dv), out_bytes = Index(sizeof(S)) * n * dv;
   const bool from_memory = exceeds_cache(bytes, out_bytes, last_level_cache_bytes());
-  const bool stream_out = !out.reread && streams_past_cache(bytes, out_bytes);
+  const bool stream_out =
+      out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && streams_past_cache(bytes, out_bytes));
   // A decoding step whose keys and values (the memory their rows span: a KV cache's rows hold every head) exceed
   // 3/4 of the last-level cache reads its keys ahead of its scores, and its values (in place) while the scores run
   // (short_query_scores); for keys in the caches that measured slower (1.07-1.32x at m = 4096), from DRAM faster.

@@ -107,6 +107,35 @@ TEST(Workspace, ThreadsKeepTheirTileWorkspaceUntilReleased) {
   }
 }
 
+// Linear attention's chunk scratch is kept per thread as well: a warm call allocates only its states (a few KiB), the
+// same output comes back (every buffer is sized and filled before it is read), and after release_cached_workspaces()
+// a call allocates its scratch again. Non-causal (scratch per worker) and causal, Efficient Attention.
+TEST(Workspace, ThreadsKeepTheirLinearScratchUntilReleased) {
+  for (const int threads : {1, 2})
+    for (const bool causal : {false, true}) {
+      SCOPED_TRACE("threads " + std::to_string(threads) + (causal ? " causal" : ""));
+      const Index n = 512, d = 24, dv = 40;  // whole chunks: a short last chunk resizes some buffers (same results)
+      const F q = random_matrix<float>(n, d, 1), k = random_matrix<float>(n, d, 2), v = random_matrix<float>(n, dv, 3);
+      F out(n, dv), again(n, dv);
+      LinearOptions o;
+      o.threads = threads;
+      o.causal = causal;
+      const auto call = [&](F& dst) {
+        linear_attention(q, k, v, dst, Taylor{}, o);
+        if (!causal) efficient_attention(q, k, v, dst, o);
+      };
+      call(out);
+      const int64_t warm = heap::peak_during([&] { call(again); });
+      EXPECT_TRUE(out == again);
+      release_cached_workspaces();
+      const int64_t cold = heap::peak_during([&] { call(again); });
+      EXPECT_TRUE(out == again);
+      // The scratch of one chunk of 64 (16 causal) rows: at least its inputs, features and values.
+      const int64_t scratch = int64_t(sizeof(float)) * (causal ? 16 : 64) * (d + 2 * (d + 1) + dv);
+      EXPECT_GE(cold - warm, scratch) << "warm " << warm << " bytes, cold " << cold;
+    }
+}
+
 TEST(Workspace, GauAndFlash) {
   GauConfig config;
   config.width = 48, config.shared = 17, config.chunk = 13;

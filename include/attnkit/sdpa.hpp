@@ -115,8 +115,9 @@ Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, 
 }
 
 /// \brief Frees the tile workspaces that the fused tile loop keeps per thread between calls (SDPA, multi-head, sparse,
-/// and the families built on them), except those a call is using at that moment, which stay for their thread's next
-/// call. Safe to call from any thread at any time; the next call simply allocates again.
+/// and the families built on them) and linear attention's chunk scratch, except those a call is using at that moment,
+/// which stay for their thread's next call. Safe to call from any thread at any time; the next call simply allocates
+/// again.
 inline void release_cached_workspaces() { detail::WorkspaceRegistry::instance().release_idle(); }
 
 }  // namespace attnkit

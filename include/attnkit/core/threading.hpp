@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -159,5 +160,89 @@ void for_each_item(Index count, int threads, const Body& body) {
   for_each_item(
       count, threads, [] { return 0; }, [&](Index i, int inner, int&) { body(i, inner); });
 }
+
+/// Every thread's cached scratch (CachedScratch: the fused loop's tile workspaces, linear attention's chunk scratch),
+/// so that release_cached_workspaces() can free the ones not in use from any thread.
+class WorkspaceRegistry {
+ public:
+  struct Slot {
+    std::atomic<bool> busy{false};
+    virtual void free_buffers() = 0;
+    /// Frees the buffers unless a call is using them.
+    void release_if_idle() {
+      bool idle = false;
+      if (!busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) return;
+      free_buffers();
+      busy.store(false, std::memory_order_release);
+    }
+
+   protected:
+    ~Slot() = default;
+  };
+
+  /// Never destroyed: a thread that exits after static destruction began (a detached one) still unregisters safely.
+  static WorkspaceRegistry& instance() {
+    static WorkspaceRegistry* const registry = new WorkspaceRegistry();
+    return *registry;
+  }
+  void add(Slot* slot) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    slots_.push_back(slot);
+  }
+  void remove(Slot* slot) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    slots_.erase(std::remove(slots_.begin(), slots_.end(), slot), slots_.end());
+  }
+  void release_idle() {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    for (Slot* slot : slots_) slot->release_if_idle();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<Slot*> slots_;
+};
+
+/// The calling thread's scratch of type W (default-constructible, its buffers grown by each user as needed), kept
+/// between calls so that a call does not pay for fresh pages. A nested call on the same thread (from a user's mask,
+/// score callable or feature map) finds the cache taken and gets a scratch of its own.
+template <class W>
+class CachedScratch {
+ public:
+  CachedScratch() {
+    Slot& slot = this_thread_slot();
+    if (!slot.busy.exchange(true, std::memory_order_acquire))
+      slot_ = &slot;
+    else
+      own_ = std::make_unique<W>();
+  }
+  CachedScratch(CachedScratch&& other) noexcept : slot_(other.slot_), own_(std::move(other.own_)) {
+    other.slot_ = nullptr;
+  }
+  CachedScratch(const CachedScratch&) = delete;
+  CachedScratch& operator=(const CachedScratch&) = delete;
+  CachedScratch& operator=(CachedScratch&&) = delete;
+  ~CachedScratch() {
+    if (slot_) slot_->busy.store(false, std::memory_order_release);
+  }
+
+  W& get() { return slot_ ? slot_->workspace : *own_; }
+
+ private:
+  struct Slot final : WorkspaceRegistry::Slot {
+    W workspace;
+    Slot() { WorkspaceRegistry::instance().add(this); }
+    ~Slot() { WorkspaceRegistry::instance().remove(this); }
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    void free_buffers() override { workspace = W(); }
+  };
+  static Slot& this_thread_slot() {
+    thread_local Slot slot;
+    return slot;
+  }
+  Slot* slot_ = nullptr;
+  std::unique_ptr<W> own_;
+};
 
 }  // namespace attnkit::detail

@@ -4,10 +4,7 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #include "mask.hpp"
@@ -140,90 +137,10 @@ struct AttentionWorkspace {
   }
 };
 
-/// Every thread's cached tile workspaces (CachedWorkspace), so that release_cached_workspaces() can free the ones not
-/// in use from any thread.
-class WorkspaceRegistry {
- public:
-  struct Slot {
-    std::atomic<bool> busy{false};
-    virtual void free_buffers() = 0;
-    /// Frees the buffers unless a call is using them.
-    void release_if_idle() {
-      bool idle = false;
-      if (!busy.compare_exchange_strong(idle, true, std::memory_order_acquire)) return;
-      free_buffers();
-      busy.store(false, std::memory_order_release);
-    }
-
-   protected:
-    ~Slot() = default;
-  };
-
-  /// Never destroyed: a thread that exits after static destruction began (a detached one) still unregisters safely.
-  static WorkspaceRegistry& instance() {
-    static WorkspaceRegistry* const registry = new WorkspaceRegistry();
-    return *registry;
-  }
-  void add(Slot* slot) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    slots_.push_back(slot);
-  }
-  void remove(Slot* slot) {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    slots_.erase(std::remove(slots_.begin(), slots_.end(), slot), slots_.end());
-  }
-  void release_idle() {
-    const std::lock_guard<std::mutex> lock(mutex_);
-    for (Slot* slot : slots_) slot->release_if_idle();
-  }
-
- private:
-  std::mutex mutex_;
-  std::vector<Slot*> slots_;
-};
-
-/// The calling thread's tile workspace, kept between calls (it only grows, to the largest tiles the thread has run):
-/// a call that allocated and freed its buffers each time paid for fresh pages on every call, 18-22% of the time of
-/// n = 256-512 SDPA. A nested call on the same thread (from a user's mask or score callable) finds the cache taken
-/// and gets a workspace of its own.
+/// The fused loop's tile workspace, kept per thread between calls (CachedScratch): a call that allocated and freed its
+/// buffers each time paid for fresh pages on every call, 18-22% of the time of n = 256-512 SDPA.
 template <class S>
-class CachedWorkspace {
- public:
-  CachedWorkspace() {
-    Slot& slot = this_thread_slot();
-    if (!slot.busy.exchange(true, std::memory_order_acquire))
-      slot_ = &slot;
-    else
-      own_ = std::make_unique<AttentionWorkspace<S>>();
-  }
-  CachedWorkspace(CachedWorkspace&& other) noexcept : slot_(other.slot_), own_(std::move(other.own_)) {
-    other.slot_ = nullptr;
-  }
-  CachedWorkspace(const CachedWorkspace&) = delete;
-  CachedWorkspace& operator=(const CachedWorkspace&) = delete;
-  CachedWorkspace& operator=(CachedWorkspace&&) = delete;
-  ~CachedWorkspace() {
-    if (slot_) slot_->busy.store(false, std::memory_order_release);
-  }
-
-  AttentionWorkspace<S>& get() { return slot_ ? slot_->workspace : *own_; }
-
- private:
-  struct Slot final : WorkspaceRegistry::Slot {
-    AttentionWorkspace<S> workspace;
-    Slot() { WorkspaceRegistry::instance().add(this); }
-    ~Slot() { WorkspaceRegistry::instance().remove(this); }
-    Slot(const Slot&) = delete;
-    Slot& operator=(const Slot&) = delete;
-    void free_buffers() override { workspace = AttentionWorkspace<S>(); }
-  };
-  static Slot& this_thread_slot() {
-    thread_local Slot slot;
-    return slot;
-  }
-  Slot* slot_ = nullptr;
-  std::unique_ptr<AttentionWorkspace<S>> own_;
-};
+using CachedWorkspace = CachedScratch<AttentionWorkspace<S>>;
 
 /// The destination of a fused call: out (n x dv, row stride `stride`) and, optionally, the per-row log-sum-exp.
 /// Rows may fold groups like StridedView (group_rows > 0: row i is row i % group_rows of group i / group_rows).

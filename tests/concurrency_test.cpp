@@ -187,14 +187,18 @@ TEST(Concurrency, SynthesizersFromColdCaches) {
                                               SynthesizerKind::kDotProduct});
 }
 
-// release_cached_workspaces() from another thread while 8 threads run attention: it frees only the caches no call
-// is using (under ThreadSanitizer, no race on a workspace), and every result still equals the serial one.
+// release_cached_workspaces() from another thread while 8 threads run attention (fused tile workspaces and linear
+// attention's chunk scratch): it frees only the caches no call is using (under ThreadSanitizer, no race on a
+// workspace), and every result still equals the serial one.
 TEST(Concurrency, ReleasingCachedWorkspacesWhileCallsRun) {
   const Matrix<float> q = random_matrix<float>(kN, kWidth, 1), k = random_matrix<float>(kN + 10, kWidth, 2),
                       v = random_matrix<float>(kN + 10, kWidth, 3);
   AttentionOptions o;
   o.threads = 1;
+  LinearOptions lo;
+  lo.threads = 1;
   const Matrix<float> serial = scaled_dot_product_attention(q, k, v, o);
+  const Matrix<float> serial_linear = linear_attention(q, k, v, EluPlusOne{}, lo);
   std::atomic<bool> done{false};
   std::thread releaser([&] {
     while (!done.load()) release_cached_workspaces();
@@ -203,8 +207,10 @@ TEST(Concurrency, ReleasingCachedWorkspacesWhileCallsRun) {
   std::vector<std::thread> threads;
   for (int t = 0; t < kThreads; ++t)
     threads.emplace_back([&, t] {
-      for (int r = 0; r < 4 * kCallsPerThread; ++r)
+      for (int r = 0; r < 4 * kCallsPerThread; ++r) {
         if (!(scaled_dot_product_attention(q, k, v, o) == serial)) ++mismatches[size_t(t)];
+        if (!(linear_attention(q, k, v, EluPlusOne{}, lo) == serial_linear)) ++mismatches[size_t(t)];
+      }
     });
   for (std::thread& t : threads) t.join();
   done = true;

@@ -634,8 +634,9 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   Vector<S> lse(need_lse ? n : 0);
   // Rows that a later term continues are written through the caches. A lone gathered term's calls (atrous), each
   // small, write rows nothing reads back: past the caches when the whole call is larger than the cache an output can
-  // count on (atrous(128) at n = 16384 / 65536: 0.76-0.87 / 0.86-0.93x the time; causal alike). Calls that continue
-  // rows have just read them: streaming them back out measured no gain (strided(128) 0.96-1.04x).
+  // count on (atrous(128) at n = 16384 / 65536: 0.76-0.87 / 0.86-0.93x the time between other calls, 0.89-0.97 /
+  // 0.93-1.0x repeating one call; causal alike). Calls that continue rows have just read them: streaming them back out
+  // measured no gain (strided(128) 0.96-1.04x).
   AttentionOutput<S> direct_out{out.data, out.stride, need_lse ? lse.data() : nullptr};
   if (!p.gathered.empty()) direct_out.write = OutputWrite::kCached;
   const OutputWrite fresh_write =

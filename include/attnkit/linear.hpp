@@ -475,8 +475,7 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
                  const StridedView<S>& v, const LinearOptions& o, S* out, Index out_stride) {
   const Index n = q.rows, m = k.rows;
   LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
-  sh.stream_out =
-      streams_past_cache(Index(sizeof(S)) * ((n + m) * q.cols + (n + m) * v.cols), Index(sizeof(S)) * n * v.cols);
+  sh.stream_out = streams_past_cache<S>(n, m, q.cols, v.cols);
   if (sh.r < 1) fail(where, "the feature map gives r = ", sh.r, " features; it must give at least 1");
   const Index c = linear_chunk(o);
   const S eps = static_cast<S>(o.eps);
@@ -739,8 +738,7 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
             chunk_max(d);
   const detail::ColumnExp<S> keys{shift.data()};
   detail::LinearShape sh = detail::linear_shape<S>(keys, d, v.cols());
-  sh.stream_out = detail::streams_past_cache(Index(sizeof(S)) * ((n + m) * d + (n + m) * v.cols()),
-                                             Index(sizeof(S)) * n * v.cols());
+  sh.stream_out = detail::streams_past_cache<S>(n, m, d, v.cols());
   detail::LinearState<S> state;  // S = exp(K - max)^T V, z = column sums; then row l of S divided by z_l
   state.reset(sh.r_pad, sh.dv_pad);
   {  // the key pass; the query pass takes the thread's cached scratch again

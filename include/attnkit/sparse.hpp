@@ -639,10 +639,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   // measured no gain (strided(128) 0.96-1.04x).
   AttentionOutput<S> direct_out{out.data, out.stride, need_lse ? lse.data() : nullptr};
   if (!p.gathered.empty()) direct_out.write = OutputWrite::kCached;
-  const OutputWrite fresh_write =
-      streams_past_cache(Index(sizeof(S)) * ((n + m) * q.cols + (n + m) * dv), Index(sizeof(S)) * n * dv)
-          ? OutputWrite::kStreamed
-          : OutputWrite::kAuto;
+  const OutputWrite fresh_write = streams_past_cache<S>(n, m, q.cols, dv) ? OutputWrite::kStreamed : OutputWrite::kAuto;
   if (p.direct.empty()) {
     // A residue term's calls cover every query row when every residue class has a key; summary columns, all rows.
     const bool covered =
@@ -661,7 +658,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
     const std::vector<Call> calls = gathered_calls(p, g, q, k, v, offset, scale);
-    const bool continues = g > 0 || !p.direct.empty();
+    const bool continues = g > 0 || !p.direct.empty(), last = g + 1 == Index(p.gathered.size());
     for_each_item(
         Index(calls.size()), o.threads, [] { return CachedWorkspace<S>(); },
         [&](Index c, int threads, CachedWorkspace<S>& workspace) {
@@ -671,8 +668,7 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
                                  need_lse ? lse.data() + rows_of.first : nullptr};
           dst.lse_stride = rows_of.stride;
           dst.continues = continues;
-          dst.keeps_lse = out.lse != nullptr || g + 1 < Index(p.gathered.size());  // read by a later term or the caller
-          const bool last = g + 1 == Index(p.gathered.size());
+          dst.keeps_lse = out.lse != nullptr || !last;  // read by a later term or the caller
           dst.write = !last ? OutputWrite::kCached : continues ? OutputWrite::kAuto : fresh_write;
           AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
           inner.threads = threads;

@@ -110,6 +110,19 @@ inline bool streams_past_cache(Index bytes, Index out_bytes) {
   return exceeds_cache(bytes, out_bytes, output_cache_bytes());
 }
 
+/// Bytes an attention call of n queries over m keys (key width d, value width dv, scalars S) reads and writes: q, k, v
+/// and its n x dv output.
+template <class S>
+Index attention_call_bytes(Index n, Index m, Index d, Index dv) {
+  return Index(sizeof(S)) * (n + m) * (d + dv);
+}
+
+/// streams_past_cache for such a call.
+template <class S>
+bool streams_past_cache(Index n, Index m, Index d, Index dv) {
+  return streams_past_cache(attention_call_bytes<S>(n, m, d, dv), Index(sizeof(S)) * n * dv);
+}
+
 /// Streaming stores of one packet to a packet-aligned address, where the CPU has them (x86: SSE2, AVX, AVX-512).
 template <class S>
 struct StreamingStore {

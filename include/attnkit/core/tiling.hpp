@@ -343,7 +343,7 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   // A call larger than the last-level cache reads its rows from memory: it fetches them ahead. (Fetching ahead rows
   // that are in the caches anyway measured 2-6% slower, so this trusts the cache size the machine reports.) One
   // larger than the part of it an output can count on writes its output past the caches.
-  const Index bytes = Index(sizeof(S)) * ((n + m) * d + (n + m) * dv), out_bytes = Index(sizeof(S)) * n * dv;
+  const Index bytes = attention_call_bytes<S>(n, m, d, dv), out_bytes = Index(sizeof(S)) * n * dv;
   const bool from_memory = exceeds_cache(bytes, out_bytes, last_level_cache_bytes());
   const bool stream_out =
       out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && streams_past_cache(bytes, out_bytes));

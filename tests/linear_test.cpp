@@ -354,6 +354,39 @@ TEST(LinearFloatTest, ValuesWithoutColumnsGiveAnEmptyOutput) {
   EXPECT_EQ(efficient_attention(q, k, v).cols(), 0);
 }
 
+// The default non-causal chunk (detail::linear_chunk, chosen from the shape) is the one every entry point uses: chunk
+// = 0 gives bit for bit what that chunk gives, and another chunk gives something else (the key parts' sums split
+// differently), so the comparison can tell them apart. With AVX-512 floats: 16 rows for elu+1 and Efficient
+// Attention at d = 64, 32 at d = 128, 64 at d = 32 and for Performer's 266 features at d = 64 (bench/README.md).
+TEST(LinearChunkTest, DefaultChunkIsTheOneChosenFromTheShape) {
+  const auto check = [](const auto& map, Index d, Index expected_with_avx512) {
+    const Matrix<float> q = random_matrix<float>(301, d, 1), k = random_matrix<float>(301, d, 2),
+                        v = random_matrix<float>(301, d, 3);
+    const Index c = detail::linear_chunk<float>(LinearOptions{}, detail::linear_shape<float>(map, d, d));
+    EXPECT_TRUE(c == 16 || c == 32 || c == 64) << "d = " << d << ": " << c;
+#ifdef EIGEN_VECTORIZE_AVX512
+    EXPECT_EQ(c, expected_with_avx512) << "d = " << d;
+#else
+    (void)expected_with_avx512;
+#endif
+    LinearOptions chosen, other;
+    chosen.chunk = c, other.chunk = c == 64 ? 16 : 64;
+    const Matrix<float> by_default = linear_attention(q, k, v, map);
+    EXPECT_TRUE(by_default == linear_attention(q, k, v, map, chosen)) << "d = " << d;
+    EXPECT_FALSE(by_default == linear_attention(q, k, v, map, other)) << "d = " << d;
+  };
+  check(EluPlusOne{}, 32, 64);
+  check(EluPlusOne{}, 64, 16);
+  check(EluPlusOne{}, 128, 32);
+  check(PerformerFeatures<float>(64), 64, 64);
+  // Efficient Attention has r = d features, as elu+1.
+  const Matrix<float> q = random_matrix<float>(301, 64, 1), k = random_matrix<float>(301, 64, 2),
+                      v = random_matrix<float>(301, 64, 3);
+  LinearOptions chosen;
+  chosen.chunk = detail::linear_chunk<float>(LinearOptions{}, detail::linear_shape<float>(EluPlusOne{}, 64, 64));
+  EXPECT_TRUE(efficient_attention(q, k, v) == efficient_attention(q, k, v, chosen));
+}
+
 TEST(LinearErrorsTest, BadInputNamesTheArgument) {
   using testing::expect_error;
   const Matrix<float> q = Matrix<float>::Ones(10, 4), k = Matrix<float>::Ones(12, 4), v = Matrix<float>::Ones(12, 3);

@@ -52,7 +52,7 @@ enum class FeatureRole { kQuery, kKey };
 /// \brief Options of linear attention.
 struct LinearOptions {
   bool causal = false;  ///< O_i sums over keys j <= i only (requires n == m)
-  Index chunk = 0;      ///< rows per chunk; 0 = 64 non-causal, 16 causal (measured, see bench/README.md)
+  Index chunk = 0;      ///< rows per chunk; 0 = auto: 16 causal, 16-64 non-causal by the shape (linear_chunk)
   double eps = 1e-6;    ///< added to every denominator; >= 0
   int threads = 0;      ///< 0 = all; results are the same for any thread count
 };
@@ -443,9 +443,27 @@ inline void check_linear_options(const char* where, const LinearOptions& o) {
   if (o.threads < 0) fail(where, "options.threads must be >= 0 (0 = all), got ", o.threads);
 }
 
-/// Default chunks, measured at d = 64 (bench/README.md): 64 rows for the non-causal passes; 16 for the causal form,
-/// whose in-chunk quadratic part grows with the chunk.
-inline Index linear_chunk(const LinearOptions& o) { return o.chunk > 0 ? o.chunk : o.causal ? 16 : 64; }
+/// Bounds of the default non-causal chunk: a key chunk's Lookahead issues at most kChunkFetchLines cache lines per
+/// step, and its product psi^T V has at least kChunkProductMin multiply-adds (r_pad x d_v,pad x c).
+constexpr Index kChunkFetchLines = 16, kChunkProductMin = Index(1) << 16;
+
+/// Rows per chunk: options.chunk, else by measurement (bench/README.md). Causal: 16, as its in-chunk quadratic part
+/// grows with the chunk. Non-causal: the largest of 64, 32 and 16 rows whose key pass fetches the next chunk's key and
+/// value rows at most kChunkFetchLines lines per Lookahead step (a core tracks only about 16 misses at once; a longer
+/// burst of prefetches waits for the earlier ones, and past the caches each takes a memory latency), raised to the
+/// smallest whose product psi^T V still has kChunkProductMin multiply-adds (a shorter one spends the chunk on fixed
+/// costs). At d = 64 that is 16 rows for elu+1, relu, Taylor and Efficient Attention, which took 0.91-0.95x the time
+/// of 64 at n = 65536 (and the same at 4096); 64 for Performer's 266 features; 32 at d = 128; 64 at d = 32.
+template <class S>
+Index linear_chunk(const LinearOptions& o, const LinearShape& sh) {
+  if (o.chunk > 0) return o.chunk;
+  if (o.causal) return 16;
+  const Index row_lines = Lookahead::lines(1, sh.d * Index(sizeof(S))) + Lookahead::lines(1, sh.dv * Index(sizeof(S)));
+  Index c = 64;
+  while (c > 16 && c * row_lines > kChunkFetchLines * chunk_steps<S>(sh, c, true, false, false)) c /= 2;
+  while (c < 64 && sh.r_pad * sh.dv_pad * c < kChunkProductMin) c *= 2;
+  return c;
+}
 
 /// Keys are split into a fixed number of parts, whatever the thread count, and their states summed in order.
 constexpr Index kLinearKeyParts = 8;
@@ -477,7 +495,7 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
   LinearShape sh = linear_shape<S>(map, q.cols, v.cols);
   sh.stream_out = streams_past_cache<S>(n, m, q.cols, v.cols);
   if (sh.r < 1) fail(where, "the feature map gives r = ", sh.r, " features; it must give at least 1");
-  const Index c = linear_chunk(o);
+  const Index c = linear_chunk<S>(o, sh);
   const S eps = static_cast<S>(o.eps);
   if (o.causal) {
     LinearState<S> state;
@@ -581,7 +599,7 @@ Index linear_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, con
   detail::check_sizes(kWhere, n, m, d, d_v);
   detail::check_linear_options(kWhere, options);
   const detail::LinearShape sh = detail::linear_shape<S>(map, d, d_v);
-  const Index c = detail::linear_chunk(options);
+  const Index c = detail::linear_chunk<S>(options, sh);
   const auto [state, scratch] = detail::linear_heap<S>(sh, c);
   if (options.causal) return state + scratch;
   const Index chunks = (m + c - 1) / c, parts = std::min(detail::kLinearKeyParts, std::max<Index>(chunks, 1));
@@ -596,11 +614,12 @@ class LinearAttentionState {
  public:
   /// options.eps and options.chunk apply (a block longer than a chunk is processed chunk by chunk).
   LinearAttentionState(Map map, Index d, Index dv, const LinearOptions& options = {})
-      : map_(std::move(map)), d_(d), dv_(dv), eps_(options.eps), chunk_(detail::linear_chunk(causal(options))) {
+      : map_(std::move(map)), d_(d), dv_(dv), eps_(options.eps) {
     constexpr const char* kWhere = "LinearAttentionState";
     if (d < 1 || dv < 0) detail::fail(kWhere, "d must be >= 1 and d_v >= 0, got d = ", d, ", d_v = ", dv);
     detail::check_linear_options(kWhere, options);
     shape_ = detail::linear_shape<S>(map_, d, dv);
+    chunk_ = detail::linear_chunk<S>(causal(options), shape_);
     reset();
   }
 
@@ -648,7 +667,7 @@ class LinearAttentionState {
   Map map_;
   Index d_, dv_;
   double eps_;
-  Index chunk_;
+  Index chunk_ = 16;
   detail::LinearShape shape_{};
   detail::LinearState<S> state_;
   detail::LinearScratch<S> scratch_;
@@ -733,11 +752,12 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   const detail::ViewOf<DQ> qv(q);
   const detail::ViewOf<DK> kv(k);
   const detail::ViewOf<DV> vv(v);
-  const Index n = q.rows(), m = k.rows(), d = q.cols(), c = detail::linear_chunk(options);
+  const Index n = q.rows(), m = k.rows(), d = q.cols();
   Vector<S> col_max = Vector<S>::Constant(d, -std::numeric_limits<S>::infinity()), shift = Vector<S>::Zero(d),
             chunk_max(d);
   const detail::ColumnExp<S> keys{shift.data()};
   detail::LinearShape sh = detail::linear_shape<S>(keys, d, v.cols());
+  const Index c = detail::linear_chunk<S>(options, sh);
   sh.stream_out = detail::streams_past_cache<S>(n, m, d, v.cols());
   detail::LinearState<S> state;  // S = exp(K - max)^T V, z = column sums; then row l of S divided by z_l
   state.reset(sh.r_pad, sh.dv_pad);
@@ -767,7 +787,7 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
 
 /// \brief An upper bound on the heap of one efficient_attention call with a caller-provided `out`: the d x d_v state,
 /// the running column maxima, the keys' chunk scratch and one query chunk's scratch per worker thread (chunks of
-/// options.chunk rows). Independent of n and m.
+/// options.chunk rows, or linear_chunk's default). Independent of n and m.
 template <class S>
 Index efficient_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, const LinearOptions& options = {}) {
   constexpr const char* kWhere = "efficient_attention_workspace_bytes";
@@ -775,8 +795,9 @@ Index efficient_attention_workspace_bytes(Index n, Index m, Index d, Index d_v, 
   detail::check_linear_options(kWhere, options);
   if (options.causal) detail::fail(kWhere, "Efficient Attention has no causal form");
   using detail::heap_bytes;
-  const Index c = detail::linear_chunk(options), packet = detail::KernelShape<S>::kPacket;
-  const Index r_pad = detail::round_up(d, packet), dv_pad = detail::round_up(d_v, packet);
+  const detail::LinearShape sh = detail::linear_shape<S>(detail::ColumnExp<S>{nullptr}, d, d_v);
+  const Index c = detail::linear_chunk<S>(options, sh), r_pad = sh.r_pad, dv_pad = sh.dv_pad;
+  const Index packet = detail::KernelShape<S>::kPacket;
   const Index state = heap_bytes<S>(r_pad * dv_pad) + 2 * heap_bytes<S>(r_pad);
   // A chunk of keys: inputs, features, transposed features, values; of queries: inputs, features, products.
   const Index ck = std::min(c, m), cq = std::min(c, n);

@@ -159,8 +159,12 @@ class Lookahead {
          r0,
          r1,
          0};
-    total_lines_ += (r1 - r0) * ((r.row_bytes + kLine - 1) / kLine + 1);  // + 1: a row may straddle a line
+    total_lines_ += lines(r1 - r0, r.row_bytes);
   }
+
+  /// The cache lines add() queues for `rows` rows of `row_bytes` bytes each (one more per row: a row may straddle a
+  /// line).
+  static constexpr Index lines(Index rows, Index row_bytes) { return rows * ((row_bytes + kLine - 1) / kLine + 1); }
 
   /// Spreads what is queued evenly over the next `steps` calls of step().
   void pace(Index steps) { per_step_ = (total_lines_ + std::max<Index>(steps, 1) - 1) / std::max<Index>(steps, 1); }

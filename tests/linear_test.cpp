@@ -379,11 +379,15 @@ TEST(LinearChunkTest, DefaultChunkIsTheOneChosenFromTheShape) {
   check(EluPlusOne{}, 64, 16);
   check(EluPlusOne{}, 128, 32);
   check(PerformerFeatures<float>(64), 64, 64);
-  // Efficient Attention has r = d features, as elu+1.
+  // Efficient Attention: its key features (ColumnExp, r = d) decide its chunk.
   const Matrix<float> q = random_matrix<float>(301, 64, 1), k = random_matrix<float>(301, 64, 2),
                       v = random_matrix<float>(301, 64, 3);
   LinearOptions chosen;
-  chosen.chunk = detail::linear_chunk<float>(LinearOptions{}, detail::linear_shape<float>(EluPlusOne{}, 64, 64));
+  chosen.chunk = detail::linear_chunk<float>(LinearOptions{},
+                                             detail::linear_shape<float>(detail::ColumnExp<float>{nullptr}, 64, 64));
+#ifdef EIGEN_VECTORIZE_AVX512
+  EXPECT_EQ(chosen.chunk, 16);
+#endif
   EXPECT_TRUE(efficient_attention(q, k, v) == efficient_attention(q, k, v, chosen));
 }
 

@@ -452,8 +452,8 @@ constexpr Index kChunkFetchLines = 16, kChunkProductMin = Index(1) << 16;
 /// value rows at most kChunkFetchLines lines per Lookahead step (a core tracks only about 16 misses at once; a longer
 /// burst of prefetches waits for the earlier ones, and past the caches each takes a memory latency), raised to the
 /// smallest whose product psi^T V still has kChunkProductMin multiply-adds (a shorter one spends the chunk on fixed
-/// costs). At d = 64 that is 16 rows for elu+1, relu, Taylor and Efficient Attention, which took 0.91-0.95x the time
-/// of 64 at n = 65536 (and the same at 4096); 64 for Performer's 266 features; 32 at d = 128; 64 at d = 32.
+/// costs). At d = 64 that is 16 rows for elu+1, relu, Taylor and Efficient Attention, which took 0.85-0.95x the time
+/// of 64 at n = 65536 (0.94-1.01x at 4096); 64 for Performer's 266 features; 32 at d = 128; 64 at d = 32.
 template <class S>
 Index linear_chunk(const LinearOptions& o, const LinearShape& sh) {
   if (o.chunk > 0) return o.chunk;

@@ -130,8 +130,9 @@ TEST(Workspace, ThreadsKeepTheirLinearScratchUntilReleased) {
       release_cached_workspaces();
       const int64_t cold = heap::peak_during([&] { call(again); });
       EXPECT_TRUE(out == again);
-      // The scratch of one chunk of 64 (16 causal) rows: at least its inputs, features and values.
-      const int64_t scratch = int64_t(sizeof(float)) * (causal ? 16 : 64) * (d + 2 * (d + 1) + dv);
+      // The scratch of one chunk (the default's rows for this shape): at least its inputs, features and values.
+      const Index chunk = detail::linear_chunk<float>(o, detail::linear_shape<float>(Taylor{}, d, dv));
+      const int64_t scratch = int64_t(sizeof(float)) * chunk * (d + 2 * (d + 1) + dv);
       EXPECT_GE(cold - warm, scratch) << "warm " << warm << " bytes, cold " << cold;
     }
 }

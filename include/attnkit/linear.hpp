@@ -262,6 +262,9 @@ struct LinearScratch {
   Lookahead ahead;
 };
 
+template <class S>
+using CachedLinearScratch = CachedScratch<LinearScratch<S>>;  // kept per thread between calls
+
 /// Shapes shared by the passes of one call, and how it writes its output (streaming: past the caches).
 struct LinearShape {
   Index d, dv, r, r_pad, dv_pad;
@@ -475,8 +478,8 @@ void query_runs(const LinearShape& sh, const StridedView<S>& q, Index c, int thr
   const Index n = q.rows, chunks = (n + c - 1) / c;
   const Index run = std::clamp<Index>(chunks / (4 * resolve_threads(threads)), 1, 16), runs = (chunks + run - 1) / run;
   parallel_for(
-      runs, threads, [] { return CachedScratch<LinearScratch<S>>(); },
-      [&](Index g, CachedScratch<LinearScratch<S>>& cached) {
+      runs, threads, [] { return CachedLinearScratch<S>(); },
+      [&](Index g, CachedLinearScratch<S>& cached) {
         LinearScratch<S>& w = cached.get();
         const Index end = std::min(chunks, (g + 1) * run);
         for (Index t = g * run; t < end; ++t) {
@@ -500,7 +503,7 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
   if (o.causal) {
     LinearState<S> state;
     state.reset(sh.r_pad, sh.dv_pad);
-    CachedScratch<LinearScratch<S>> cached;
+    CachedLinearScratch<S> cached;
     causal_chunks(map, q, k, v, sh, c, eps, state, cached.get(), out, out_stride);
     if (sh.stream_out) stream_fence();
     return;
@@ -509,8 +512,8 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
   const Index chunks = (m + c - 1) / c, parts = std::min(kLinearKeyParts, std::max<Index>(chunks, 1));
   std::vector<LinearState<S>> partial(static_cast<size_t>(parts));
   parallel_for(
-      parts, o.threads, [] { return CachedScratch<LinearScratch<S>>(); },
-      [&](Index p, CachedScratch<LinearScratch<S>>& cached) {
+      parts, o.threads, [] { return CachedLinearScratch<S>(); },
+      [&](Index p, CachedLinearScratch<S>& cached) {
         LinearScratch<S>& w = cached.get();
         LinearState<S>& state = partial[size_t(p)];
         state.reset(sh.r_pad, sh.dv_pad);
@@ -667,7 +670,7 @@ class LinearAttentionState {
   Map map_;
   Index d_, dv_;
   double eps_;
-  Index chunk_ = 16;
+  Index chunk_ = 0;  // linear_chunk's, set by the constructor
   detail::LinearShape shape_{};
   detail::LinearState<S> state_;
   detail::LinearScratch<S> scratch_;
@@ -762,7 +765,7 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
   detail::LinearState<S> state;  // S = exp(K - max)^T V, z = column sums; then row l of S divided by z_l
   state.reset(sh.r_pad, sh.dv_pad);
   {  // the key pass; the query pass takes the thread's cached scratch again
-    detail::CachedScratch<detail::LinearScratch<S>> cached;
+    detail::CachedLinearScratch<S> cached;
     detail::LinearScratch<S>& w = cached.get();
     for (Index j0 = 0; j0 < m; j0 += c) {
       const Index rows = std::min(c, m - j0);

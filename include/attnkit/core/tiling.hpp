@@ -142,6 +142,12 @@ struct AttentionWorkspace {
 template <class S>
 using CachedWorkspace = CachedScratch<AttentionWorkspace<S>>;
 
+/// How a fused call stores its output rows. kAuto: with streaming stores when the call is larger than the cache an
+/// output can count on (streams_past_cache). kCached: through the caches, because a later call continues the rows
+/// (streaming them out made strided(128) at n = 16384 and 65536 1.05-1.09x slower). kStreamed: past the caches, because
+/// the call is one of many whose rows together exceed that cache (a sparse pattern's residue classes).
+enum class OutputWrite { kAuto, kCached, kStreamed };
+
 /// The destination of a fused call: out (n x dv, row stride `stride`) and, optionally, the per-row log-sum-exp.
 /// Rows may fold groups like StridedView (group_rows > 0: row i is row i % group_rows of group i / group_rows).
 /// With `continues`, out and lse already hold attention over other keys (normalised over them; lse -inf where there
@@ -149,12 +155,6 @@ using CachedWorkspace = CachedScratch<AttentionWorkspace<S>>;
 /// rounding), and leaves the attention over both and its log-sum-exp. Softmax weights only; lse must be given.
 /// `keeps_lse` false: lse is only read (a last continuing call whose caller wants the rows alone). `write` says how the
 /// rows are stored (OutputWrite).
-/// How a fused call stores its output rows. kAuto: with streaming stores when the call is larger than the cache an
-/// output can count on (streams_past_cache). kCached: through the caches, because a later call continues the rows
-/// (streaming them out made strided(128) at n = 16384 and 65536 1.05-1.09x slower). kStreamed: past the caches, because
-/// the call is one of many whose rows together exceed that cache (a sparse pattern's residue classes).
-enum class OutputWrite { kAuto, kCached, kStreamed };
-
 template <class S>
 struct AttentionOutput {
   S* data;

@@ -79,11 +79,13 @@ struct Case {
   Spec spec;
 };
 
-/// Every named pattern, with parameters scaled to n, plus unions (direct + gathered, two gathered, blocks + local).
+/// Every named pattern, with parameters scaled to n, plus unions (direct + gathered, two gathered, blocks + local,
+/// blocks of two sizes).
 std::vector<Case> cases(Index n, Index m) {
   const Index l = std::max<Index>(2, Index(std::sqrt(double(std::max(n, m)))));
   const Index b = 4;
   const BoolMatrix layout = random_layout((n + b - 1) / b, (m + b - 1) / b, unsigned(n * 31 + m), 0.3);
+  const BoolMatrix layout3 = random_layout((n + 2) / 3, (m + 2) / 3, unsigned(n * 17 + m), 0.2);
   return {
       {"local3", SparsePattern::local(3), spec_local(3)},
       {"local0", SparsePattern::local(0), spec_local(0)},
@@ -98,6 +100,8 @@ std::vector<Case> cases(Index n, Index m) {
       {"block4", SparsePattern::block(layout, b), spec_block(layout, b)},
       {"block4_or_local2", SparsePattern::block(layout, b) | SparsePattern::local(2),
        spec_union(spec_block(layout, b), spec_local(2))},
+      {"block4_or_block3", SparsePattern::block(layout, b) | SparsePattern::block(layout3, 3),
+       spec_union(spec_block(layout, b), spec_block(layout3, 3))},  // rows share keys only within both blocks
       {"atrous3_or_atrous2", SparsePattern::atrous(3) | SparsePattern::atrous(2),
        spec_union(spec_atrous(3), spec_atrous(2))},
       {"fixed4_1_or_atrous5", SparsePattern::fixed(4, 1) | SparsePattern::atrous(5),

@@ -441,9 +441,17 @@ class SparseMask {
   TileKind classify(Index s0, const KeyRange* ranges, Index rows, Index t0, Index count) const {
     const Index j0 = kmap_(t0), j1 = kmap_(t0 + count - 1) + 1;
     bool any = false, all = true;
+    Index seen = -1;  // the last row whose pattern cover was computed; rows with its key set reuse it
+    Cover seen_cover = Cover::kNone;
     for (Index r = 0; r < rows; ++r) {
       const Cover range = cover_of(ranges[r], t0, t0 + count);
-      const Cover pattern = range == Cover::kNone ? Cover::kNone : pattern_cover(qmap_(s0 + r), j0, j1);
+      if (range == Cover::kNone) {
+        all = false;
+        continue;
+      }
+      const Index i = qmap_(s0 + r);
+      if (seen < 0 || !same_pattern_keys(seen, i)) seen = i, seen_cover = pattern_cover(i, j0, j1);
+      const Cover pattern = seen_cover;
       if (pattern == Cover::kNone) {
         all = false;
         continue;
@@ -499,6 +507,30 @@ class SparseMask {
     if (term_ < 0) return earlier;
     for (Index g = 0; g < term_; ++g) earlier = earlier || SparsePattern::contains(p_->gathered[size_t(g)], a, i, j);
     return !earlier;
+  }
+
+  /// Whether the terms pattern_cover reads give rows i and i2 the same keys: a block layout's rows in one block row,
+  /// a segment's rows, and summary columns for every row. Bands and windowed residue classes move with the row; an
+  /// unwindowed residue class matches only every rate-th row, so it is not worth testing. Lets classify compute one
+  /// cover per block row (a block pattern's query tiles are whole block rows) instead of one per row.
+  bool same_pattern_keys(Index i, Index i2) const {
+    const auto same = [&](const SparsePattern::Term& t) {
+      switch (t.kind) {
+        case SparsePattern::Kind::kBlocks:
+          return i / t.rate == i2 / t.rate;
+        case SparsePattern::Kind::kSegment:
+          return floor_div(p_->base.position(i), t.rate) == floor_div(p_->base.position(i2), t.rate);
+        case SparsePattern::Kind::kColumns:
+          return true;
+        default:
+          return false;
+      }
+    };
+    for (const auto& t : p_->direct)
+      if (!same(t)) return false;
+    for (Index g = 0; g < term_; ++g)
+      if (!same(p_->gathered[size_t(g)])) return false;
+    return true;
   }
 
   /// What the pattern keeps of the original keys [j0, j1) for row i: for the direct call, the union of the direct

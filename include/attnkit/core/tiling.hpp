@@ -420,15 +420,21 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
       for (Index c = 0; c < d; ++c) qrow[c] = row_scale * src[c * q.col_stride];
     }
     std::fill(ws.stats.begin(), ws.stats.begin() + brows, SoftmaxState<S>{});
-    ws.acc.head(brows * dv_pad).setZero();
-    if (out.continues)  // a row holding attention over other keys starts from it: max = its lse, sum = 1, acc = it
+    if (!out.continues)
+      ws.acc.head(brows * dv_pad).setZero();
+    else  // a row holding attention over other keys starts from it: max = its lse, sum = 1, acc = it (written once)
       for (Index r = 0; r < brows; ++r) {
         if (r + kQueriesAhead < brows) prefetch_row<2, true>(out.row(b0 + r + kQueriesAhead), dv);  // rows k apart
+        S* acc = ws.acc.data() + r * dv_pad;
         const S lse = out.lse[(b0 + r) * out.lse_stride];
-        if (lse == -std::numeric_limits<S>::infinity()) continue;
+        if (lse == -std::numeric_limits<S>::infinity()) {
+          std::fill(acc, acc + dv_pad, S(0));
+          continue;
+        }
         ws.stats[size_t(r)] = SoftmaxState<S>{lse, S(1)};
         const S* held = out.row(b0 + r);
-        std::copy(held, held + dv, ws.acc.data() + r * dv_pad);
+        std::copy(held, held + dv, acc);
+        std::fill(acc + dv, acc + dv_pad, S(0));
       }
     // The hull of the keys seen by the query tile of rows [r0, r0 + rows) of the block.
     const auto hull_of = [&](Index r0, Index rows) {

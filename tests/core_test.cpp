@@ -174,7 +174,8 @@ TEST(OnlineSoftmax, RaggedEndsEqualWholePacketsAndLeaveWhatFollowsAlone) {
         expect += e, sum_bound += v == -inf ? 0.0 : bound(t) * e;
       }
       const float sum = exp_shifted_sum(x, count, shift);
-      EXPECT_NEAR(sum, expect, sum_bound + double(count) * 0x1p-24 * expect) << "count " << count << " offset " << offset;
+      EXPECT_NEAR(sum, expect, sum_bound + double(count) * 0x1p-24 * expect)
+          << "count " << count << " offset " << offset;
       for (Index c = 0; c < count; ++c) {
         if (before[size_t(c)] == -inf) {
           EXPECT_EQ(x[c], 0.f) << "count " << count << " c " << c;
@@ -229,6 +230,58 @@ TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
   const TilePlan plan = plan_tiles<float>(100, 100, 64, 64, fixed);
   EXPECT_EQ(plan.rows, 7);
   EXPECT_EQ(plan.cols, round_up(5, KernelShape<float>::kPacket));
+}
+
+// Packed key tiles kept between tiles (windows, block layouts): whatever the sequence of key tiles (sliding by whole
+// panels or not, shorter than a panel, coming back to a global block, running past a slot's room), every tile's
+// panels equal packing it afresh; a tile starting a whole panel after the last one reuses its panels in place.
+TEST(PackKeyTile, KeptPanelsEqualPackingAfreshAndAreReusedInPlace) {
+  constexpr Index P = KernelShape<float>::kCols;
+  for (int slots : {1, 2})
+    for (Index d : {1, 8, 67}) {
+      const Matrix<float> k = Matrix<float>::Random(50 * P + 7, d);
+      const StridedView<float> kv{k.data(), k.rows(), d, d, 1};
+      TilePlan plan{6, 5 * P + 3, 1};
+      plan.key_slots = slots;
+      AttentionWorkspace<float> ws;
+      ws.fit(plan, d, d);
+      std::vector<float> fresh;
+      const auto check = [&](Index j0, Index cols) {
+        const Index cols_pad = round_up(cols, KernelShape<float>::kPacket);
+        const float* got = pack_key_tile(kv, j0, cols, cols_pad, plan, ws);
+        fresh.assign(size_t(round_up(cols_pad, P) * d), -1.0f);
+        pack_transposed(kv, j0, cols, cols_pad, fresh.data());
+        const Index filled = (cols_pad / P) * P * d + (cols_pad % P) * d;  // whole panels, then the narrower last one
+        EXPECT_EQ(std::memcmp(got, fresh.data(), size_t(filled) * sizeof(float)), 0)
+            << "slots " << slots << " d " << d << " tile [" << j0 << ", " << j0 + cols << ")";
+        return got;
+      };
+      // A band sliding by whole panels: each tile starts where the last one's second panel was packed.
+      const float* first = check(0, 4 * P + 5);
+      EXPECT_EQ(check(P, 4 * P + 5), first + P * d) << "the second tile reuses the first one's panels in place";
+      for (Index t = 2; t <= 3; ++t) check(t * P, 4 * P + 5);
+      for (Index t = 4; t < 20; ++t) check(t * P, 5 * P + 3);  // past the slot's room: kept panels move to its start
+      // A block layout's global block and a band, in turn; tiles shorter than a panel; starts off the panels.
+      for (Index b = 2; b < 12; ++b) {
+        check(0, P);
+        check((b - 1) * P, 3 * P);
+      }
+      for (const auto& [j0, cols] : std::vector<std::pair<Index, Index>>{{3, 2 * P},
+                                                                         {3 + P, 2 * P},
+                                                                         {5, 1},
+                                                                         {5 + P, 7},
+                                                                         {40 * P, 5 * P + 3},
+                                                                         {41 * P + 1, 2 * P},
+                                                                         {45 * P, 5 * P + 3},
+                                                                         {45 * P, 5 * P + 3},
+                                                                         {46 * P, 2 * P - 1},
+                                                                         {46 * P, 5 * P + 3},
+                                                                         {20 * P, 5 * P + 3},
+                                                                         {23 * P, 4 * P},
+                                                                         {25 * P, 5 * P + 3},
+                                                                         {0, 5 * P + 3}})
+        check(j0, cols);
+    }
 }
 
 // The Lookahead (a prefetch hint, so only its bookkeeping can be checked): paced over `steps` calls it issues every

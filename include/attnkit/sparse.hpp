@@ -616,7 +616,8 @@ AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionO
       o.key_tile = t.rate * std::max<Index>(1, 256 / t.rate);
     }
     if (t.kind == SparsePattern::Kind::kBand && options.key_tile == 0) {
-      const Index rows = o.query_tile > 0 ? o.query_tile : default_rows;
+      // The band runs as a window, on query tiles of reuse_query_rows (with log-n scaling, on tiles no larger).
+      const Index rows = o.query_tile > 0 ? o.query_tile : reuse_query_rows<S>(p.n, options);
       o.key_tile = std::clamp<Index>(rows + t.left + t.right + 1, o.key_tile, 1024);
     }
   }
@@ -786,7 +787,10 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
     return detail::AttentionWorkspace<S>::bytes(detail::plan_tiles<S>(rows, keys, d_k, d_v, o), d_k, d_v);
   };
   constexpr Index kBookkeeping = 4096;  // the problem's term lists and the allocator's rounding, per thread and call
-  Index bytes = threads * workspace(n, m, detail::sparse_tile_options<S>(p, options)) + (threads + 1) * kBookkeeping;
+  // The direct call's tiles: a lone band runs as a window (sparse_into).
+  const AttentionOptions direct = detail::sparse_tile_options<S>(p, options);
+  const std::optional<AttentionOptions> window = detail::band_as_window(p, direct);
+  Index bytes = threads * workspace(n, m, window ? *window : direct) + (threads + 1) * kBookkeeping;
   if (options.log_n_scale) bytes += n * scalar;
   if (p.continues_rows()) bytes += n * scalar;  // the log-sum-exps a gathered term continues from
   for (const auto& t : p.gathered) {

@@ -239,7 +239,7 @@ TEST(PackKeyTile, KeptPanelsEqualPackingAfreshAndAreReusedInPlace) {
   constexpr Index P = KernelShape<float>::kCols;
   for (int slots : {1, 2})
     for (Index d : {1, 8, 67}) {
-      const Matrix<float> k = Matrix<float>::Random(50 * P + 7, d);
+      const Matrix<float> k = Matrix<float>::Random(60 * P + 7, d);
       const StridedView<float> kv{k.data(), k.rows(), d, d, 1};
       TilePlan plan{6, 5 * P + 3, 1};
       plan.key_slots = slots;
@@ -247,6 +247,7 @@ TEST(PackKeyTile, KeptPanelsEqualPackingAfreshAndAreReusedInPlace) {
       ws.fit(plan, d, d);
       std::vector<float> fresh;
       const auto check = [&](Index j0, Index cols) {
+        EXPECT_LE(j0 + cols, k.rows());
         const Index cols_pad = round_up(cols, KernelShape<float>::kPacket);
         const float* got = pack_key_tile(kv, j0, cols, cols_pad, plan, ws);
         fresh.assign(size_t(round_up(cols_pad, P) * d), -1.0f);

@@ -11,6 +11,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <random>
+#include <string>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -197,6 +199,134 @@ TEST(OnlineSoftmax, RaggedEndsEqualWholePacketsAndLeaveWhatFollowsAlone) {
 
 // The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
 // query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
+// Lane-batched pieces (sparse attention's residue lanes): every lane is a problem of its own, against plain loops in
+// double precision. Packing transposes rows into lanes (a null row gives zeros) and reports NaN and Inf; the product
+// and the weighted rows handle every block shape and ragged edge; the softmax merges an earlier part and leaves a
+// lane with nothing at all at zero weights and a log-sum-exp of -inf.
+template <class S>
+void check_lane_pieces() {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-13;
+  std::mt19937 gen(11);
+  std::normal_distribution<double> dist;
+  const auto fill = [&](std::vector<S>& x) {
+    for (S& e : x) e = S(dist(gen));
+  };
+  for (const Index cols : {Index(1), Index(3), P, P + 1, 3 * P + 5}) {
+    SCOPED_TRACE("pack_lanes, cols " + std::to_string(cols));
+    std::vector<std::vector<S>> data(P, std::vector<S>(size_t(cols)));
+    for (auto& row : data) fill(row);
+    const S* rows[P];
+    S scale[P];
+    for (Index l = 0; l < P; ++l) rows[l] = l % 3 == 2 ? nullptr : data[size_t(l)].data(), scale[l] = S(0.5 + l);
+    const Index step = P + 3;
+    std::vector<S> dst(size_t(cols * step + P), S(-7));
+    EXPECT_TRUE(pack_lanes<S>(rows, cols, dst.data(), step, ploadu<Packet>(scale)));
+    for (Index t = 0; t < cols; ++t)
+      for (Index l = 0; l < P; ++l)
+        ASSERT_EQ(dst[size_t(t * step + l)], rows[l] ? data[size_t(l)][size_t(t)] * scale[l] : S(0))
+            << "column " << t << " lane " << l;
+    for (const S bad : {std::numeric_limits<S>::quiet_NaN(), -std::numeric_limits<S>::infinity()}) {
+      const Index l = P > 1 ? 1 : 0, t = cols - 1;
+      const S kept = data[size_t(l)][size_t(t)];
+      data[size_t(l)][size_t(t)] = bad;
+      EXPECT_FALSE(pack_lanes<S>(rows, cols, dst.data(), step, ploadu<Packet>(scale)));
+      data[size_t(l)][size_t(t)] = kept;
+    }
+  }
+  for (const Index rows : {Index(1), Index(2), Index(LaneShape<S>::kRows), Index(LaneShape<S>::kRows + 3)})
+    for (const Index cols : {1, 5, 6, 13})
+      for (const Index depth : {0, 1, 7, 64}) {
+        SCOPED_TRACE("lane_product " + std::to_string(rows) + " x " + std::to_string(cols) + ", depth " +
+                     std::to_string(depth));
+        const Index lda = depth + 2, ldb = depth + 1, ldc = cols + 1;
+        std::vector<S> a(size_t(rows * lda * P)), b(size_t(cols * ldb * P)), c(size_t(rows * ldc * P));
+        fill(a), fill(b), fill(c);
+        const std::vector<S> c0 = c;
+        lane_product<S>(a.data(), lda, b.data(), ldb, depth, c.data(), ldc, rows, cols);
+        for (Index r = 0; r < rows; ++r)
+          for (Index x = 0; x < cols + 1; ++x)
+            for (Index l = 0; l < P; ++l) {
+              const size_t at = size_t((r * ldc + x) * P + l);
+              if (x == cols) {
+                ASSERT_EQ(c[at], c0[at]) << "wrote past its columns";
+                continue;
+              }
+              double want = 0;
+              for (Index t = 0; t < depth; ++t)
+                want += double(a[size_t((r * lda + t) * P + l)]) * double(b[size_t((x * ldb + t) * P + l)]);
+              ASSERT_NEAR(c[at], want, tol * (1 + depth)) << "row " << r << " col " << x << " lane " << l;
+            }
+      }
+  for (const Index rows : {Index(1), Index(LaneShape<S>::kRows)})
+    for (const Index cols : {Index(1), Index(7), Index(KernelShape<S>::kCols), Index(2 * KernelShape<S>::kCols + 3)})
+      for (const Index depth : {0, 1, 9})
+        for (const bool with_beta : {false, true}) {
+          SCOPED_TRACE("weighted_rows " + std::to_string(rows) + " x " + std::to_string(cols) + ", depth " +
+                       std::to_string(depth) + (with_beta ? ", beta" : ""));
+          // Weights and factors interleaved P apart (a lane of the packets), rows of B and C with gaps.
+          const Index lda = (depth + 1) * P, ldb = cols + 2, ldc = cols + 3;
+          std::vector<S> a(size_t(rows * lda)), b(size_t(std::max<Index>(depth, 1) * ldb)), c(size_t(rows * ldc)),
+              beta(size_t(rows * P)), scale(size_t(rows * P));
+          fill(a), fill(b), fill(c), fill(beta), fill(scale);
+          const std::vector<S> c0 = c;
+          weighted_rows_of<S, P>(int(rows), a.data(), lda, b.data(), ldb, depth, c.data(), ldc,
+                                 with_beta ? beta.data() : nullptr, scale.data(), cols);
+          for (Index r = 0; r < rows; ++r)
+            for (Index x = 0; x < cols + 3; ++x) {
+              const size_t at = size_t(r * ldc + x);
+              if (x >= cols) {
+                ASSERT_EQ(c[at], c0[at]) << "wrote past its columns";
+                continue;
+              }
+              double want = with_beta ? double(beta[size_t(r * P)]) * double(c0[at]) : 0;
+              for (Index t = 0; t < depth; ++t)
+                want += double(a[size_t(r * lda + t * P)]) * double(b[size_t(t * ldb + x)]);
+              ASSERT_NEAR(c[at], double(scale[size_t(r * P)]) * want, tol * (1 + depth)) << "row " << r << " col " << x;
+            }
+        }
+  const S inf = std::numeric_limits<S>::infinity();
+  for (const Index count : {0, 1, 5, 20}) {
+    SCOPED_TRACE("softmax_lanes, " + std::to_string(count) + " keys");
+    std::vector<S> logits(size_t(count * P)), lse(P), earlier(P), inverse(P);
+    fill(logits);
+    for (S& x : logits) x *= 4;
+    for (Index l = 0; l < P; ++l) {
+      lse[size_t(l)] = l % 2 ? S(dist(gen)) : -inf;  // odd lanes continue an earlier part
+      for (Index c = 0; c < count; ++c)
+        if ((c + l) % 3 == 0 || l == P - 1) logits[size_t(c * P + l)] = -inf;  // masked; the last lane has nothing
+    }
+    if (P > 1) lse[size_t(P - 1)] = -inf;
+    const std::vector<S> logits0 = logits, lse0 = lse;
+    softmax_lanes(logits.data(), count, lse.data(), earlier.data(), inverse.data());
+    for (Index l = 0; l < P; ++l) {
+      double max = double(lse0[size_t(l)]);
+      for (Index c = 0; c < count; ++c) max = std::max(max, double(logits0[size_t(c * P + l)]));
+      if (std::isinf(max)) {  // nothing at all
+        EXPECT_EQ(inverse[size_t(l)], S(0)) << "lane " << l;
+        EXPECT_EQ(lse[size_t(l)], -inf) << "lane " << l;
+        for (Index c = 0; c < count; ++c) EXPECT_EQ(logits[size_t(c * P + l)], S(0));
+        continue;
+      }
+      const double old = std::exp(double(lse0[size_t(l)]) - max);
+      double total = old;
+      for (Index c = 0; c < count; ++c) {
+        const double e = std::exp(double(logits0[size_t(c * P + l)]) - max);
+        total += e;
+        EXPECT_NEAR(logits[size_t(c * P + l)], e, tol * e + 1e-30) << "lane " << l << " key " << c;
+      }
+      EXPECT_NEAR(earlier[size_t(l)], old, tol * old) << "lane " << l;
+      EXPECT_NEAR(inverse[size_t(l)], 1 / total, tol / total) << "lane " << l;
+      EXPECT_NEAR(lse[size_t(l)], max + std::log(total), tol * (1 + std::abs(max))) << "lane " << l;
+    }
+  }
+}
+
+TEST(LaneBatched, EachLaneIsItsOwnProblemInFloat) { check_lane_pieces<float>(); }
+TEST(LaneBatched, EachLaneIsItsOwnProblemInDouble) { check_lane_pieces<double>(); }
+
 TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
   for (Index n : {1, 7, 96, 257, 512, 2048, 4099})
     for (Index d : {8, 64, 128}) {

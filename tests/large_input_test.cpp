@@ -146,7 +146,8 @@ TEST(WorkspaceBound, EverySparsePatternAndLinearForm) {
   for (const AttentionOptions& o : {AttentionOptions{}, causal})
     for (const SparsePattern& p : {SparsePattern::local(17), SparsePattern::atrous(7), SparsePattern::local_atrous(9),
                                    SparsePattern::strided(55), SparsePattern::fixed(64, 3),
-                                   SparsePattern::block(layout, 64)}) {
+                                   SparsePattern::block(layout, 64), SparsePattern::atrous(64),
+                                   SparsePattern::local_atrous(100)}) {  // the last two: short classes, as lanes
       const int64_t heap = measured_heap([&] { sparse_attention(q, k, v, out, p, o); },
                                          [&] { sparse_attention(q, k, v, out, p, o); });
       EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p, o) + kSlack)

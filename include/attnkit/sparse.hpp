@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -574,11 +575,13 @@ StridedView<S> gather_rows(const StridedView<S>& x, const IndexMap& map, Index c
 }
 
 /// The calls of gathered term g: per atrous residue class (or once, for summary columns), the queries in blocks of
-/// at most kSparseRows rows. Calls of one term touch disjoint query rows.
+/// at most kSparseRows rows. Calls of one term touch disjoint query rows. A residue term's calls can be limited to
+/// the classes [first_class, end_class).
 template <class S>
 std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<S>& p, Index g, const StridedView<S>& q,
                                                             const StridedView<S>& k, const StridedView<S>& v,
-                                                            Index offset, S scale) {
+                                                            Index offset, S scale, Index first_class = 0,
+                                                            Index end_class = std::numeric_limits<Index>::max()) {
   const SparsePattern::Term& t = p.gathered[size_t(g)];
   std::vector<AttentionCall<S, SparseMask<S>>> calls;
   const auto add = [&](IndexMap queries, Index query_count, IndexMap keys) {
@@ -593,13 +596,284 @@ std::vector<AttentionCall<S, SparseMask<S>>> gathered_calls(const SparseProblem<
   if (t.kind == SparsePattern::Kind::kColumns) {
     add(IndexMap{}, p.n, IndexMap{t.rate - t.count, t.count, t.rate});
   } else {  // residue class c: keys c, c + k, ..., and the queries at positions a = c (mod k)
-    for (Index c = 0; c < std::min(t.rate, p.m); ++c) {
+    for (Index c = first_class; c < std::min({t.rate, p.m, end_class}); ++c) {
       const IndexMap queries{floor_mod(c - offset, t.rate), 1, t.rate};
       add(queries, queries.count_below(p.n), IndexMap{c, 1, t.rate});
     }
   }
   return calls;
 }
+
+/// Residue lanes, the fast path of an atrous term with short classes. Query position a and key j of residue class c
+/// sit at a = c + A k and j = c + B k, so a - j = (A - B) k: whether the pair is kept (the term's window, the keys of
+/// earlier terms when those are bands or residue classes, causal, the options' window) and its ALiBi bias depend on
+/// A - B alone, the same in every class. Classes c0 .. c0 + P - 1 then run side by side, one per lane of a packet:
+/// their queries and keys at one position are P consecutive rows, transposed in registers into lanes (pack_lanes), so
+/// the logits of P classes are one lane-batched product (lane_product) and their softmax is lane by lane
+/// (softmax_lanes), whatever the classes' length. Class by class, atrous(128) at n = 1024 was 128 calls of 8 queries
+/// and 8 keys, each a padded tile with its own bookkeeping. The weights then multiply the values row by row
+/// (weighted_rows), as the tile loop's P V does, so values and outputs are never transposed. Only the ends of the
+/// sequence and key padding (key_length) differ between lanes: rows past them are not packed (zero lanes), such keys'
+/// logits are -inf, and their values are not read.
+///
+/// All of a class's keys make one chunk (at most kKeys of them), so each query's softmax is taken once over all of
+/// them, with no rescaling. Longer classes gain nothing: an earlier version that took them in chunks, with an online
+/// softmax, ran atrous(128) at n = 8192 (64 keys a class) in 1.00x the general calls' time and at 16384 in 1.2x,
+/// packing 16 rows every k from beyond the caches costing more than the tile loop's strided reads.
+template <class S>
+class ResidueLanes {
+ public:
+  static constexpr Index kP = KernelShape<S>::kPacket;
+  static constexpr Index kQueries = 128;                // positions A of one query block (packed together)
+  static constexpr Index kKeys = 64;                    // positions B of a class at most
+  static constexpr Index kGroup = LaneShape<S>::kRows;  // query positions whose logits are computed together
+
+  struct Workspace {
+    Vector<S> qt, kt, logits, stats;
+    std::vector<char> keeps;
+    std::vector<Index> kept_below;
+    std::vector<S> bias;
+  };
+
+  /// Whether gathered term g of p runs this way with these options: a residue class of at most kKeys keys and at
+  /// least P rows' stride, every earlier term a band or a residue class, no softcap, and vector packets.
+  static bool applies(const SparseProblem<S>& p, Index g, const AttentionOptions& o) {
+    if constexpr (kP == 1) {
+      return false;
+    } else {
+      const SparsePattern::Term& t = p.gathered[size_t(g)];
+      if (t.kind != SparsePattern::Kind::kResidue || t.rate < kP || (p.m + t.rate - 1) / t.rate > kKeys ||
+          o.softcap > 0)
+        return false;
+      const auto uniform = [](const SparsePattern::Term& u) {
+        return u.kind == SparsePattern::Kind::kBand || u.kind == SparsePattern::Kind::kResidue;
+      };
+      return std::all_of(p.direct.begin(), p.direct.end(), uniform) &&
+             std::all_of(p.gathered.begin(), p.gathered.begin() + g, uniform);
+    }
+  }
+
+  /// ... and over these views: rows of q, k and v contiguous.
+  static bool applies(const SparseProblem<S>& p, Index g, const AttentionOptions& o, const StridedView<S>& q,
+                      const StridedView<S>& k, const StridedView<S>& v) {
+    for (const StridedView<S>* x : {&q, &k, &v})
+      if (!x->row_contiguous() || x->group_rows > 0) return false;
+    return applies(p, g, o);
+  }
+
+  /// Heap bytes of one worker's Workspace for an n x m problem at rate k.
+  static Index workspace_bytes(Index n, Index m, Index dk, Index k) {
+    const Index queries = std::min(kQueries, n / k + 2), keys = std::min(kKeys, m / k + 2), table = n / k + m / k + 4;
+    return heap_bytes<S>(queries * (dk + 1) * kP) + heap_bytes<S>(keys * (dk + 1) * kP) +
+           heap_bytes<S>(queries * (keys + 1) * kP) + heap_bytes<S>(3 * queries * kP) + heap_bytes<char>(table) +
+           heap_bytes<Index>(table + 1) + heap_bytes<S>(table);
+  }
+
+  /// Term g of p over the views (applies() holds); out rows and lse (n entries, may be null) as the gathered calls'.
+  ResidueLanes(const SparseProblem<S>& p, Index g, const AttentionOptions& o, const StridedView<S>& q,
+               const StridedView<S>& k, const StridedView<S>& v, Index offset, S scale, S* out, Index out_stride,
+               S* lse, bool continues, bool keeps_lse)
+      : p_(p),
+        g_(g),
+        o_(o),
+        q_(q),
+        k_(k),
+        v_(v),
+        offset_(offset),
+        scale_(scale),
+        out_(out),
+        out_stride_(out_stride),
+        lse_(lse),
+        continues_(continues),
+        keeps_lse_(keeps_lse),
+        rate_(p.gathered[size_t(g)].rate),
+        key_bound_(o.key_length >= 0 ? std::min(o.key_length, p.m) : p.m) {}
+
+  /// Blocks of P classes: the work items.
+  Index blocks() const { return (std::min(rate_, p_.m) + kP - 1) / kP; }
+
+  /// Runs the classes of block b and returns true; or returns false when a query or key row of theirs holds NaN or Inf
+  /// (or a value row does, where some pair is masked), and the caller runs their general calls, which keep those from
+  /// reaching rows that do not see them. Rows it wrote by then (of earlier query blocks) are ones those calls write
+  /// afresh: rows that continue earlier terms' are all checked before the first is written.
+  bool run(Index b, Workspace& ws) const {
+    using namespace Eigen::internal;
+    using Packet = typename KernelShape<S>::Packet;
+    constexpr Index P = kP;
+    constexpr S kNegInf = -std::numeric_limits<S>::infinity();
+    const Index k = rate_, c0 = b * P, lanes = std::min(P, k - c0), dk = q_.cols, dv = v_.cols;
+    const Index a_first = -floor_div(c0 + lanes - 1 - offset_, k), a_last = floor_div(offset_ + p_.n - 1 - c0, k);
+    const Index key_count = key_bound_ > c0 ? floor_div(key_bound_ - 1 - c0, k) + 1 : 0;
+    if (a_last < a_first || (continues_ && key_count == 0)) return true;
+    // Lanes [first, last) of the rows c0 + pos k - shift hold rows of [0, bound).
+    const auto row_lanes = [&](Index pos, Index shift, Index bound) {
+      const Index row0 = c0 + pos * k - shift, first = std::clamp<Index>(-row0, 0, lanes);
+      return std::pair<Index, Index>{first, std::clamp<Index>(bound - row0, first, lanes)};
+    };
+    // Packing finds NaN and Inf before a query block's rows are written. Rows that continue earlier terms' cannot be
+    // written twice, so when a later query block could still find one, its queries are checked first.
+    if (continues_ && a_last - a_first >= kQueries) {
+      for (Index a = a_first; a <= a_last; ++a) {
+        const auto [first, last] = row_lanes(a, offset_, p_.n);
+        if (first < last && !all_finite(q_.row(c0 + first + a * k - offset_), last - first, dk, q_.row_stride))
+          return false;
+      }
+    }
+
+    // Which differences A - B keep their pair, and their ALiBi bias.
+    const Index d0 = a_first - std::max<Index>(key_count - 1, 0);
+    ws.keeps.assign(size_t(a_last - d0 + 1), 0);
+    ws.bias.assign(ws.keeps.size(), S(0));
+    for (Index d = d0; d <= a_last; ++d) {
+      ws.keeps[size_t(d - d0)] = keeps(d * k);
+      if (o_.alibi_slope > 0)
+        ws.bias[size_t(d - d0)] = static_cast<S>(o_.alibi_slope) * static_cast<S>(std::abs(d * k));
+    }
+    // kept_in(x, y): how many differences in [x, y] keep their pair (prefix counts of keeps).
+    ws.kept_below.assign(ws.keeps.size() + 1, 0);
+    for (size_t d = 0; d < ws.keeps.size(); ++d) ws.kept_below[d + 1] = ws.kept_below[d] + ws.keeps[d];
+    const auto kept_in = [&](Index x, Index y) {
+      const Index size = Index(ws.keeps.size());
+      return ws.kept_below[size_t(std::clamp<Index>(y - d0 + 1, 0, size))] -
+             ws.kept_below[size_t(std::clamp<Index>(x - d0, 0, size))];
+    };
+    // Keys [0, full_keys) exist in every lane; later ones are past the keys (or key_length) in some lanes.
+    const Index full_keys = std::clamp<Index>(-floor_div(c0 + lanes - 1 - key_bound_, k), 0, key_count);
+
+    // Rows of the packed buffers are one packet longer than they need: at d = 64 they would be 4 KiB apart, and the
+    // products' ten streams would share one set of the L1 cache (1.4x the time of padded rows).
+    const Index ldk = dk + 1, ldl = key_count + 1, query_rows = std::min(kQueries, a_last - a_first + 1);
+    grow(ws.qt, query_rows * ldk * P);
+    grow(ws.kt, std::max<Index>(key_count, 1) * ldk * P);
+    grow(ws.logits, query_rows * ldl * P);
+    grow(ws.stats, 3 * query_rows * P);
+    S *qt = ws.qt.data(), *kt = ws.kt.data(), *logits = ws.logits.data();
+    S *lse = ws.stats.data(), *earlier = lse + query_rows * P, *inverse = earlier + query_rows * P;
+    // Per lane: its keys (those before key_length), and its positions [a_lo, a_hi] that are query rows.
+    Index lane_keys[P], a_lo[P], a_hi[P];
+    for (Index l = 0; l < P; ++l) {
+      lane_keys[l] = l < lanes ? std::clamp<Index>(floor_div(key_bound_ - 1 - c0 - l, k) + 1, 0, key_count) : 0;
+      a_lo[l] = -floor_div(c0 + l - offset_, k);
+      a_hi[l] = floor_div(p_.n - 1 + offset_ - c0 - l, k);
+    }
+    const S* rows[P];
+    const Packet one = pset1<Packet>(S(1)), none = pset1<Packet>(kNegInf);
+
+    // Keys packed. Every weight multiplies its value row (weighted_rows), so where some pair is masked (weight 0) the
+    // values are checked too: a NaN or Inf value would reach rows for which its key is masked.
+    const bool masked = ws.kept_below.back() < Index(ws.keeps.size());
+    bool finite = true;
+    for (Index j = 0; j < key_count; ++j) {
+      const Index last = row_lanes(j, 0, key_bound_).second;
+      for (Index l = 0; l < P; ++l) rows[l] = l < last ? k_.row(c0 + l + j * k) : nullptr;
+      finite = pack_lanes<S>(rows, dk, kt + j * ldk * P, P, one) && finite;
+      finite = finite && (!masked || all_finite(v_.row(c0 + j * k), last, dv, v_.row_stride));
+    }
+    if (!finite) return false;
+
+    Index group_lo[kQueries], group_width[kQueries];  // by a group's first row: the keys [lo, lo + width) it weighs
+    for (Index a0 = a_first; a0 <= a_last; a0 += kQueries) {
+      const Index block = std::min(kQueries, a_last - a0 + 1);
+      for (Index r = 0; r < block; ++r) {  // the block's queries, scaled
+        const auto [first, last] = row_lanes(a0 + r, offset_, p_.n);
+        S scales[P];
+        for (Index l = 0; l < P; ++l) {
+          const Index i = c0 + l + (a0 + r) * k - offset_;
+          const bool real = l >= first && l < last;
+          rows[l] = real ? q_.row(i) : nullptr;
+          scales[l] = real && p_.row_scales ? p_.row_scales[i] : scale_;
+        }
+        const Packet scale = p_.row_scales ? ploadu<Packet>(scales) : pset1<Packet>(scale_);
+        finite = pack_lanes<S>(rows, dk, qt + r * ldk * P, P, scale) && finite;
+      }
+      if (!finite) return false;
+      // The block's weights, a group of queries at a time: row r's for keys lo + j at logits + (r ldl + j) P.
+      for (Index r0 = 0; r0 < block; r0 += kGroup) {
+        const Index group = std::min(kGroup, block - r0), a_group = a0 + r0;
+        // The keys [lo, hi) that some query of the group keeps, and whether every query keeps all of them.
+        const auto some = [&](Index j) { return kept_in(a_group - j, a_group + group - 1 - j) > 0; };
+        Index lo = 0, hi = key_count;
+        while (lo < hi && !some(lo)) ++lo;
+        while (hi > lo && !some(hi - 1)) --hi;
+        const Index width = std::max<Index>(hi - lo, 0);
+        group_lo[r0] = lo, group_width[r0] = width;
+        bool whole = o_.alibi_slope <= 0 && hi <= full_keys;
+        for (Index r = 0; r < group && whole; ++r) whole = kept_in(a_group + r - hi + 1, a_group + r - lo) == width;
+        if (width > 0)
+          lane_product<S>(qt + r0 * ldk * P, ldk, kt + lo * ldk * P, ldk, dk, logits + r0 * ldl * P, ldl, group, width);
+        for (Index r = r0; r < r0 + group; ++r) {
+          const Index a = a0 + r;
+          S* row = logits + r * ldl * P;
+          for (Index j = 0; j < width && !whole; ++j) {
+            const Index key = lo + j, d = a - key - d0;
+            Packet x = none;
+            if (ws.keeps[size_t(d)]) {
+              x = psub(ploadu<Packet>(row + j * P), pset1<Packet>(ws.bias[size_t(d)]));
+              if (key >= full_keys) x = pselect(tail_lanes<S>(row_lanes(key, 0, key_bound_).second), x, none);
+            }
+            pstoreu(row + j * P, x);
+          }
+          // The earlier terms' part of the row, by its log-sum-exp: one more "key", whose value is the row so far.
+          const auto [first, last] = row_lanes(a, offset_, p_.n);
+          for (Index l = 0; l < P; ++l)
+            lse[r * P + l] = continues_ && l >= first && l < last ? lse_[c0 + l + a * k - offset_] : kNegInf;
+          softmax_lanes(row, width, lse + r * P, earlier + r * P, inverse + r * P);
+          if (lse_ && keeps_lse_)
+            for (Index l = first; l < last; ++l) lse_[c0 + l + a * k - offset_] = lse[r * P + l];
+        }
+      }
+      // Output rows, lane by lane (so that a lane's value rows, k rows apart, stay in L1 for all of its queries): the
+      // lane's weights times its value rows, plus the row's earlier part.
+      for (Index l = 0; l < lanes; ++l) {
+        const Index r_first = std::clamp<Index>(a_lo[l] - a0, 0, block);  // the block's rows in this lane
+        const Index r_last = std::clamp<Index>(a_hi[l] + 1 - a0, r_first, block);
+        for (Index r0 = r_first - r_first % kGroup; r0 < r_last; r0 += kGroup) {
+          const Index lo = group_lo[r0], width = group_width[r0];
+          if (continues_ && width == 0) continue;  // the rows stay as they are
+          const Index r1 = std::max(r0, r_first), r2 = std::min(r0 + kGroup, r_last), at = r1 * P + l;
+          if (r1 >= r2) continue;
+          const Index depth = std::clamp<Index>(lane_keys[l] - lo, 0, width);
+          const Index i = c0 + l + (a0 + r1) * k - offset_;
+          weighted_rows_of<S, P>(int(r2 - r1), logits + r1 * ldl * P + l, ldl * P,
+                                 v_.data + (c0 + l + lo * k) * v_.row_stride, k * v_.row_stride, depth,
+                                 out_ + i * out_stride_, k * out_stride_, continues_ ? earlier + at : nullptr,
+                                 inverse + at, dv);
+        }
+      }
+    }
+    return true;
+  }
+
+ private:
+  static void grow(Vector<S>& x, Index size) {
+    if (x.size() < size) x.resize(size);
+  }
+
+  /// Whether the term keeps key j = a - delta of query position a (both in the same class): its own window, no
+  /// earlier term holding it, causal and the options' window.
+  bool keeps(Index delta) const {
+    if (!SparsePattern::contains(p_.gathered[size_t(g_)], delta, 0, 0)) return false;
+    for (const auto& t : p_.direct)
+      if (SparsePattern::contains(t, delta, 0, 0)) return false;
+    for (Index h = 0; h < g_; ++h)
+      if (SparsePattern::contains(p_.gathered[size_t(h)], delta, 0, 0)) return false;
+    if (o_.causal && delta < 0) return false;
+    if (o_.window_left >= 0 && delta > o_.window_left) return false;
+    return o_.window_right < 0 || -delta <= o_.window_right;
+  }
+
+  const SparseProblem<S>& p_;
+  Index g_;
+  const AttentionOptions& o_;
+  const StridedView<S>&q_, &k_, &v_;
+  Index offset_;
+  S scale_;
+  S* out_;
+  Index out_stride_;
+  S* lse_;
+  bool continues_, keeps_lse_;
+  Index rate_, key_bound_;
+};
 
 /// Tile shapes for the direct call, unless the caller chose. Block layouts: tiles aligned with the blocks. Bands: a
 /// key tile that holds a whole query tile's band (query rows + band width), so each query tile is one key tile whose
@@ -690,28 +964,49 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
   }
   const Index offset = alignment_offset(o, n, m);
   for (Index g = 0; g < Index(p.gathered.size()); ++g) {
-    const std::vector<Call> calls = gathered_calls(p, g, q, k, v, offset, scale);
     const bool continues = g > 0 || !p.direct.empty(), last = g + 1 == Index(p.gathered.size());
+    const bool keeps_lse = out.lse != nullptr || !last;  // read by a later term or the caller
+    const auto run_call = [&](const Call& call, int threads, CachedWorkspace<S>& workspace) {
+      const IndexMap& rows_of = call.mask.query_map();  // rows first, first + stride, ... (never grouped)
+      AttentionOutput<S> dst{out.row(rows_of.first), out.stride * rows_of.stride,
+                             need_lse ? lse.data() + rows_of.first : nullptr};
+      dst.lse_stride = rows_of.stride;
+      dst.continues = continues;
+      dst.keeps_lse = keeps_lse;
+      dst.write = !last ? OutputWrite::kCached : continues ? OutputWrite::kAuto : fresh_write;
+      AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
+      inner.threads = threads;
+      // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
+      // go through run_attention's split-K whatever the thread count, so results never depend on it.
+      if (threads == 1 && !use_split_keys<S>(call.q.rows, call.k.rows))
+        fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &workspace.get());
+      else
+        run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
+    };
+    if constexpr (ResidueLanes<S>::kP > 1) {  // (scalar packets: no lanes)
+      if (ResidueLanes<S>::applies(p, g, options, q, k, v)) {
+        using Lanes = ResidueLanes<S>;
+        const Lanes lanes(p, g, options, q, k, v, offset, scale, out.data, out.stride, need_lse ? lse.data() : nullptr,
+                          continues, keeps_lse);
+        struct Scratch {
+          CachedScratch<typename Lanes::Workspace> lanes;
+          CachedWorkspace<S> calls;
+        };
+        for_each_item(
+            lanes.blocks(), o.threads, [] { return Scratch(); },
+            [&](Index b, int threads, Scratch& scratch) {
+              if (lanes.run(b, scratch.lanes.get())) return;
+              // A row of these classes holds NaN or Inf: their calls, class by class, keep it where it belongs.
+              for (const Call& call : gathered_calls(p, g, q, k, v, offset, scale, b * Lanes::kP, (b + 1) * Lanes::kP))
+                run_call(call, threads, scratch.calls);
+            });
+        continue;
+      }
+    }
+    const std::vector<Call> calls = gathered_calls(p, g, q, k, v, offset, scale);
     for_each_item(
         Index(calls.size()), o.threads, [] { return CachedWorkspace<S>(); },
-        [&](Index c, int threads, CachedWorkspace<S>& workspace) {
-          const Call& call = calls[size_t(c)];
-          const IndexMap& rows_of = call.mask.query_map();  // rows first, first + stride, ... (never grouped)
-          AttentionOutput<S> dst{out.row(rows_of.first), out.stride * rows_of.stride,
-                                 need_lse ? lse.data() + rows_of.first : nullptr};
-          dst.lse_stride = rows_of.stride;
-          dst.continues = continues;
-          dst.keeps_lse = out.lse != nullptr || !last;  // read by a later term or the caller
-          dst.write = !last ? OutputWrite::kCached : continues ? OutputWrite::kAuto : fresh_write;
-          AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
-          inner.threads = threads;
-          // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
-          // go through run_attention's split-K whatever the thread count, so results never depend on it.
-          if (threads == 1 && !use_split_keys<S>(call.q.rows, call.k.rows))
-            fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &workspace.get());
-          else
-            run_attention<S, SparseMask<S>>({Call{call.q, call.k, call.v, call.mask, scale, dst}}, inner);
-        });
+        [&](Index c, int threads, CachedWorkspace<S>& workspace) { run_call(calls[size_t(c)], threads, workspace); });
   }
   if (out.lse)
     for (Index i = 0; i < n; ++i) out.lse[i * out.lse_stride] = lse[i];
@@ -772,7 +1067,8 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
 /// thread the fused tile workspace of the pattern's tile shapes (and n row scales with log-n scaling), n log-sum-exps
 /// when a term continues another's rows, and, when the pattern has atrous or summary-column terms, the tile workspaces
-/// of its gathered calls (with split-K's partial outputs for calls shaped for decoding) and the list of gathered calls.
+/// of its gathered calls (with split-K's partial outputs for calls shaped for decoding), the list of gathered calls
+/// and, for short residue classes, the lanes' packed queries and keys.
 /// Independent of n apart from the O(n) vectors; never n x m. \throws attnkit::Error as sparse_attention does for the
 /// pattern and options.
 template <class S>
@@ -793,7 +1089,12 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
   Index bytes = threads * workspace(n, m, window ? *window : direct) + (threads + 1) * kBookkeeping;
   if (options.log_n_scale) bytes += n * scalar;
   if (p.continues_rows()) bytes += n * scalar;  // the log-sum-exps a gathered term continues from
-  for (const auto& t : p.gathered) {
+  for (Index g = 0; g < Index(p.gathered.size()); ++g) {
+    const SparsePattern::Term& t = p.gathered[size_t(g)];
+    // Short residue classes run as lanes, one workspace per thread; inputs with NaN or Inf, or whose rows are not
+    // contiguous, take the general calls counted below.
+    if (detail::ResidueLanes<S>::applies(p, g, options))
+      bytes += threads * detail::ResidueLanes<S>::workspace_bytes(n, m, d_k, t.rate);
     // A residue class holds about n / k queries and m / k keys; summary columns all n queries and their columns.
     const bool columns = t.kind == SparsePattern::Kind::kColumns;
     const Index queries = columns ? n : n / t.rate + 1, keys = columns ? t.count * (m / t.rate + 1) : m / t.rate + 1;

@@ -262,9 +262,11 @@ constexpr Index tile_steps(Index rows, Index cols) {
 
 /// Transposes a block of kPacket x kPacket in registers. Eigen's ptranspose, except for AVX-512 floats, where its
 /// 16 x 16 takes about 110 shuffles: here two stages within 128-bit lanes (unpack, shuffle) and two across them
-/// (shuffle_f32x4), 64 in all, on the one port that runs them.
+/// (shuffle_f32x4), 64 in all, on the one port that runs them. Always inlined: pack_lanes called it (10% of the samples
+/// of atrous(128) at n = 1024), its block going through memory both ways.
 template <class Packet>
-inline void transpose_block(Eigen::internal::PacketBlock<Packet, Eigen::internal::unpacket_traits<Packet>::size>& b) {
+EIGEN_ALWAYS_INLINE void transpose_block(
+    Eigen::internal::PacketBlock<Packet, Eigen::internal::unpacket_traits<Packet>::size>& b) {
 #if defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<Packet, Eigen::internal::Packet16f>) {
     __m512 t[16], s[16];
@@ -471,6 +473,163 @@ void pack_rows(const StridedView<S>& x, Index j0, Index count, Index cols_pad, S
       for (Index c = valid; c < w; ++c) d[c] = S(0);
     }
   }
+}
+
+/// Lane-batched products: kPacket independent problems side by side, one per lane of a packet (sparse attention's
+/// residue classes, whose rows are every k-th row: lanes over k consecutive rows turn their many small problems into
+/// one of packets). Every element below is a packet; for r < rows, x < cols, t < depth,
+///   c[r][x] = sum_t a[r][t] .* b[x][t]
+/// with a[r][t] at a + (r lda + t) P, b[x][t] at b + (x ldb + t) P and c[r][x] at c + (r ldc + x) P (scalars;
+/// P = kPacket). Lanes never meet: no transposes, no horizontal sums, whatever the problems' sizes.
+template <class S>
+struct LaneShape {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  static constexpr int kRows = 4, kCols = 6;  // 24 accumulators + 4 rows of a + 1 of b, of 32 registers
+#else
+  static constexpr int kRows = 2, kCols = 6;  // 12 + 2 + 1 of 16
+#endif
+};
+
+template <class S, int R, int X>
+inline void lane_block(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
+  Packet acc[R][X];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNKIT_UNROLL
+    for (int x = 0; x < X; ++x) acc[r][x] = pset1<Packet>(0);
+  }
+  for (Index t = 0; t < depth; ++t) {
+    Packet ar[R];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < R; ++r) ar[r] = ploadu<Packet>(a + (r * lda + t) * P);
+    ATTNKIT_UNROLL
+    for (int x = 0; x < X; ++x) {
+      const Packet bx = ploadu<Packet>(b + (x * ldb + t) * P);
+      ATTNKIT_UNROLL
+      for (int r = 0; r < R; ++r) acc[r][x] = madd(ar[r], bx, acc[r][x]);
+    }
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNKIT_UNROLL
+    for (int x = 0; x < X; ++x) pstoreu(c + (r * ldc + x) * P, acc[r][x]);
+  }
+}
+
+template <class S, int R = LaneShape<S>::kRows, int X = LaneShape<S>::kCols>
+inline void lane_block_of(int rows, int cols, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c,
+                          Index ldc) {
+  if constexpr (R > 1) {
+    if (rows < R) return lane_block_of<S, R - 1, X>(rows, cols, a, lda, b, ldb, depth, c, ldc);
+  }
+  if constexpr (X > 1) {
+    if (cols < X) return lane_block_of<S, R, X - 1>(rows, cols, a, lda, b, ldb, depth, c, ldc);
+  }
+  lane_block<S, R, X>(a, lda, b, ldb, depth, c, ldc);
+}
+
+/// The whole lane-batched product (see LaneShape), block by register block.
+template <class S>
+void lane_product(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc, Index rows, Index cols) {
+  constexpr Index P = KernelShape<S>::kPacket, R = LaneShape<S>::kRows, X = LaneShape<S>::kCols;
+  for (Index r = 0; r < rows; r += R)
+    for (Index x = 0; x < cols; x += X)
+      lane_block_of<S>(int(std::min(R, rows - r)), int(std::min(X, cols - x)), a + r * lda * P, lda, b + x * ldb * P,
+                       ldb, depth, c + (r * ldc + x) * P, ldc);
+}
+
+/// Packs kPacket rows into lanes: the packet at dst + t * step holds column t (t < cols) of the rows, lane l from
+/// rows[l] (zeros for a null row), times lane l of `scale`. Whole blocks of P columns go through the in-register
+/// transpose. Rows are contiguous. Returns whether every value packed is finite: 0 * x is +-0 for finite x and NaN
+/// for NaN and Inf, and the bits of those products are or-ed (one multiply and a one-cycle or a packet, where a
+/// separate pass over the rows cost a sixth of atrous(128) at n = 1024).
+template <class S>
+bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const typename KernelShape<S>::Packet& scale) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
+  const Packet zero = pset1<Packet>(S(0));
+  Packet check = zero;
+  const Index blocked = cols / P * P;
+  for (Index t = 0; t < blocked; t += P) {
+    PacketBlock<Packet, P> block;
+    for (Index l = 0; l < P; ++l) block.packet[l] = rows[l] ? ploadu<Packet>(rows[l] + t) : zero;
+    transpose_block(block);
+    for (Index x = 0; x < P; ++x) {
+      check = por(check, pmul(block.packet[x], zero));
+      pstoreu(dst + (t + x) * step, pmul(block.packet[x], scale));
+    }
+  }
+  S column[P];
+  for (Index t = blocked; t < cols; ++t) {
+    for (Index l = 0; l < P; ++l) column[l] = rows[l] ? rows[l][t] : S(0);
+    const Packet x = ploadu<Packet>(column);
+    check = por(check, pmul(x, zero));
+    pstoreu(dst + t * step, pmul(x, scale));
+  }
+  S lanes[P];
+  pstoreu(lanes, check);
+  return std::all_of(lanes, lanes + P, [](S x) { return x == S(0); });
+}
+
+/// C = scale .* (beta .* C + A B) over rows that are not packed: a(r, t) = a[r * lda + t * kStep] (R rows of depth
+/// weights), beta[r * kStep] and scale[r * kStep] (beta == nullptr: C is not read), B's depth rows ldb apart and C's R
+/// rows ldc apart, `cols` wide (blocks of kPackets packets, then a scalar tail). Every weight multiplies its row of B,
+/// zero or not: the caller keeps NaN and Inf out of B's rows (micro_kernel's kSkipZeros tested each weight, a compare
+/// and a branch per row of B; here the broadcasts come straight from memory).
+template <class S, int R, int kStep>
+void weighted_rows(const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc, const S* beta,
+                   const S* scale, Index cols) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr int P = KernelShape<S>::kPacket, NP = KernelShape<S>::kPackets;
+  Index x = 0;
+  for (; x + NP * P <= cols; x += NP * P) {
+    Packet acc[R][NP];
+    ATTNKIT_UNROLL
+    for (int r = 0; r < R; ++r) {
+      ATTNKIT_UNROLL
+      for (int p = 0; p < NP; ++p)
+        acc[r][p] =
+            beta ? pmul(pset1<Packet>(beta[r * kStep]), ploadu<Packet>(c + r * ldc + x + p * P)) : pset1<Packet>(0);
+    }
+    for (Index t = 0; t < depth; ++t) {
+      Packet bt[NP];
+      ATTNKIT_UNROLL
+      for (int p = 0; p < NP; ++p) bt[p] = ploadu<Packet>(b + t * ldb + x + p * P);
+      ATTNKIT_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const Packet w = pset1<Packet>(a[r * lda + t * kStep]);
+        ATTNKIT_UNROLL
+        for (int p = 0; p < NP; ++p) acc[r][p] = madd(w, bt[p], acc[r][p]);
+      }
+    }
+    ATTNKIT_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Packet f = pset1<Packet>(scale[r * kStep]);
+      ATTNKIT_UNROLL
+      for (int p = 0; p < NP; ++p) pstoreu(c + r * ldc + x + p * P, pmul(f, acc[r][p]));
+    }
+  }
+  for (; x < cols; ++x)
+    for (int r = 0; r < R; ++r) {
+      S acc = beta ? beta[r * kStep] * c[r * ldc + x] : S(0);
+      for (Index t = 0; t < depth; ++t) acc = madd(a[r * lda + t * kStep], b[t * ldb + x], acc);
+      c[r * ldc + x] = scale[r * kStep] * acc;
+    }
+}
+
+/// weighted_rows for 1 <= rows <= R rows.
+template <class S, int kStep, int R = LaneShape<S>::kRows>
+void weighted_rows_of(int rows, const S* a, Index lda, const S* b, Index ldb, Index depth, S* c, Index ldc,
+                      const S* beta, const S* scale, Index cols) {
+  if constexpr (R > 1) {
+    if (rows < R) return weighted_rows_of<S, kStep, R - 1>(rows, a, lda, b, ldb, depth, c, ldc, beta, scale, cols);
+  }
+  weighted_rows<S, R, kStep>(a, lda, b, ldb, depth, c, ldc, beta, scale, cols);
 }
 
 }  // namespace attnkit::detail

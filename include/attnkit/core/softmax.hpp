@@ -88,8 +88,8 @@ Packet exp_shifted(const Packet& x, const Packet& shift) {
 /// Whether S's packets load and store their first lanes under a mask (AVX and AVX-512 floats).
 template <class S>
 constexpr bool kMaskedTail =
-    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_load_available &&
-    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_store_available;
+    Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_load_available&&
+        Eigen::internal::unpacket_traits<typename Eigen::internal::packet_traits<S>::type>::masked_store_available;
 
 /// The first `count` lanes (count < the packet size) of a packet of S: as a load/store mask, and as a packet whose
 /// lanes are all ones there and zero elsewhere.
@@ -209,6 +209,37 @@ S online_softmax_step(S* logits, Index count, SoftmaxState<S>& state) {
   state.sum = state.sum * alpha + row_sum;
   state.max = new_max;
   return alpha;
+}
+
+/// The softmax of P rows side by side, one per lane of a packet of P scalars (lane-batched problems: sparse
+/// attention's residue classes), over all of their keys at once and merged with an earlier part of each row.
+/// logits holds count packets, the P rows' logits for one key each (masked ones -inf), and becomes exp(s - M); the
+/// earlier part, log-sum-exp in lse (-inf for none), weighs exp(lse - M), stored in `earlier`; `inverse` gets 1 / the
+/// sum of all those weights (0 for a row with none), by which the caller scales its weighted sum, and lse becomes the
+/// whole row's log-sum-exp. M is the row's largest logit (or 0 when it has none, so that exp(-inf - M) is exactly 0).
+/// Every operation is lane by lane, so no row sees another. The caller keeps NaN and Inf out of the logits (a lane's
+/// max would drop NaN).
+template <class S>
+void softmax_lanes(S* logits, Index count, S* lse, S* earlier, S* inverse) {
+  using namespace Eigen::internal;
+  using Packet = typename packet_traits<S>::type;
+  constexpr Index P = packet_traits<S>::size;
+  const Packet before = ploadu<Packet>(lse), none = pset1<Packet>(-std::numeric_limits<S>::infinity());
+  Packet max = before;
+  for (Index c = 0; c < count; ++c) max = pmax(max, ploadu<Packet>(logits + c * P));
+  const Packet shift = pandnot(max, pcmp_eq(max, none));
+  const Packet old = exp_shifted(before, shift);
+  Packet total = old;
+  for (Index c = 0; c < count; ++c) {
+    const Packet e = exp_shifted(ploadu<Packet>(logits + c * P), shift);
+    pstoreu(logits + c * P, e);
+    total = padd(total, e);
+  }
+  const Packet some = pcmp_lt(pset1<Packet>(S(0)), total);
+  pstoreu(earlier, old);
+  pstoreu(inverse, pand(pdiv(pset1<Packet>(S(1)), total), some));
+  // log(total) only where there is a total: -inf elsewhere, whatever plog makes of 0.
+  pstoreu(lse, pselect(some, padd(shift, plog(pselect(some, total, pset1<Packet>(S(1))))), none));
 }
 
 }  // namespace attnkit::detail

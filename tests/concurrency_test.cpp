@@ -119,6 +119,8 @@ std::vector<Case> cases() {
        [&s] { return sparse_attention(s.q, s.k.topRows(kN), s.v.topRows(kN), SparsePattern::local_atrous(5)); }},
       {"sparse strided causal",
        [&s, causal] { return sparse_attention(s.q, s.k.topRows(kN), s.v.topRows(kN), SparsePattern::strided(8), causal); }},
+      {"sparse atrous (short classes, as lanes)",
+       [&s] { return sparse_attention(s.q, s.k.topRows(kN), s.v.topRows(kN), SparsePattern::atrous(17)); }},
       {"linear elu+1", [&s] { return linear_attention(s.q, s.k, s.v, EluPlusOne{}); }},
       {"linear Performer causal",
        [&s, linear_causal] { return linear_attention(s.q, s.k.topRows(kN), s.v.topRows(kN), s.performer, linear_causal); }},

@@ -53,6 +53,22 @@ TEST(MaskModel, RowRangesFollowSpecForBothAlignments) {
   EXPECT_EQ(win.row_range(4).end, 6);
   EXPECT_EQ(win.row_range(9).begin, 7);
   EXPECT_TRUE(win.row_range(9).empty());
+  // allows_offset is the same rule by distance: within the keys and key_length, j is in row i's range exactly when
+  // position(i) - j is allowed.
+  for (const bool causal : {false, true})
+    for (const Index left : {-1, 0, 3})
+      for (const Index right : {-1, 0, 2})
+        for (const CausalAlign align : {CausalAlign::kBottomRight, CausalAlign::kTopLeft}) {
+          AttentionOptions x;
+          x.causal = causal, x.window_left = left, x.window_right = right, x.align = align, x.key_length = 9;
+          const auto mm = model(7, 11, x);
+          for (Index i = 0; i < 7; ++i)
+            for (Index j = 0; j < 9; ++j) {
+              const KeyRange r = mm.row_range(i);
+              EXPECT_EQ(j >= r.begin && j < r.end, mm.allows_offset(mm.position(i) - j))
+                  << "i " << i << " j " << j << " causal " << causal << " left " << left << " right " << right;
+            }
+        }
 }
 
 TEST(MaskModel, TilesAreEmptyFullOrPartial) {

@@ -850,16 +850,14 @@ class ResidueLanes {
   }
 
   /// Whether the term keeps key j = a - delta of query position a (both in the same class): its own window, no
-  /// earlier term holding it, causal and the options' window.
+  /// earlier term holding it, and the mask model's causal and window rule.
   bool keeps(Index delta) const {
     if (!SparsePattern::contains(p_.gathered[size_t(g_)], delta, 0, 0)) return false;
     for (const auto& t : p_.direct)
       if (SparsePattern::contains(t, delta, 0, 0)) return false;
     for (Index h = 0; h < g_; ++h)
       if (SparsePattern::contains(p_.gathered[size_t(h)], delta, 0, 0)) return false;
-    if (o_.causal && delta < 0) return false;
-    if (o_.window_left >= 0 && delta > o_.window_left) return false;
-    return o_.window_right < 0 || -delta <= o_.window_right;
+    return p_.base.allows_offset(delta);
   }
 
   const SparseProblem<S>& p_;

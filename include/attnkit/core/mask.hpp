@@ -87,6 +87,14 @@ class MaskModel {
     return {begin, std::max(begin, end)};
   }
 
+  /// Whether causal and the window allow a key `delta` positions before its query (delta = position(i) - j; key
+  /// padding aside): row_range's rule for the keys that move with the row, for kernels that index keys by their
+  /// distance from the query (sparse attention's residue lanes).
+  bool allows_offset(Index delta) const {
+    return (!o_.causal || delta >= 0) && (o_.window_left < 0 || delta <= o_.window_left) &&
+           (o_.window_right < 0 || -delta <= o_.window_right);
+  }
+
   bool elementwise() const { return kHasAllowedFn || extras_.mask != nullptr; }
 
   /// The element-wise part only; callers have already restricted j to row_range(i).

@@ -2,9 +2,11 @@
 // double-precision loop oracle with the equivalent boolean mask, and against the fused dense kernel with that mask.
 #include <attnkit/sparse.hpp>
 
+#include <algorithm>
 #include <functional>
 #include <numeric>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -106,6 +108,13 @@ std::vector<Case> cases(Index n, Index m) {
        spec_union(spec_atrous(3), spec_atrous(2))},
       {"fixed4_1_or_atrous5", SparsePattern::fixed(4, 1) | SparsePattern::atrous(5),
        spec_union(spec_fixed(4, 1), spec_atrous(5))},
+      // Segments whose closing keys two column terms of their length hold, and a segment beside a band and columns
+      // of another length (SparseProblem leaves a segment's closing columns to the columns' call).
+      {"fixed6_2_or_fixed6_4", SparsePattern::fixed(6, 2) | SparsePattern::fixed(6, 4),
+       spec_union(spec_fixed(6, 2), spec_fixed(6, 4))},
+      {"fixed6_2_or_local2_or_fixed4_1",
+       SparsePattern::fixed(6, 2) | SparsePattern::local(2) | SparsePattern::fixed(4, 1),
+       spec_union(spec_union(spec_fixed(6, 2), spec_local(2)), spec_fixed(4, 1))},
   };
 }
 
@@ -449,6 +458,60 @@ TEST(SparseStreamingTest, AtrousRowsWrittenPastTheCachesMatchTheDoubleOracle) {
           << "row " << i << (causal ? " causal" : "");
     }
   }
+}
+
+// fixed(l, c) as two calls that never overlap: the segment's call keeps l - c keys a row (its closing c columns are the
+// columns' call's), so no tile of the columns' call is partial without causal masking. The split keeps every row's key
+// set (the union of the two terms is the pattern's set, the terms disjoint for c < l) for n != m, both alignments,
+// causal or not, and c from 0 to l; the results match the oracle (cases() holds fixed patterns and their unions).
+TYPED_TEST(SparseTest, FixedSegmentsLeaveTheirClosingColumnsToTheColumnsCall) {
+  using S = TypeParam;
+  using Kind = SparsePattern::Kind;
+  for (const Index l : {1, 5, 16, 128})
+    for (const Index c : {Index(0), Index(1), Index(3), l - 1, l}) {
+      if (c < 0 || c > l) continue;
+      const SparsePattern pattern = SparsePattern::fixed(l, c);
+      for (const auto& [n, m] : {std::pair<Index, Index>{1, 1}, {7, 7}, {130, 130}, {300, 259}, {259, 300}})
+        for (const bool causal : {false, true})
+          for (const CausalAlign align : {CausalAlign::kBottomRight, CausalAlign::kTopLeft}) {
+            SCOPED_TRACE("fixed(" + std::to_string(l) + ", " + std::to_string(c) + ") n=" + std::to_string(n) +
+                         " m=" + std::to_string(m) + (causal ? " causal" : "") +
+                         (align == CausalAlign::kTopLeft ? " top-left" : ""));
+            AttentionOptions o;
+            o.causal = causal;
+            o.align = align;
+            const detail::SparseProblem<S> problem("test", pattern, n, m, o);
+            ASSERT_EQ(problem.direct.size(), 1u);
+            ASSERT_EQ(problem.direct[0].kind, Kind::kSegment);
+            EXPECT_EQ(problem.direct[0].count, c < l ? c : 0);
+            for (Index i = 0; i < n; ++i) {
+              const Index a = problem.base.position(i);
+              std::vector<Index> keys;
+              for (const SparsePattern::Term* t : problem.ordered)
+                problem.for_each_key(*t, a, i, problem.base.row_range(i), [&](Index j) { keys.push_back(j); });
+              std::sort(keys.begin(), keys.end());
+              if (c < l) {  // disjoint; with c = l the columns' call excludes the segment's keys instead
+                EXPECT_TRUE(std::adjacent_find(keys.begin(), keys.end()) == keys.end()) << "row " << i;
+              }
+              keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+              EXPECT_EQ(keys, pattern.keys(i, n, m, o)) << "row " << i;
+            }
+            if (c == 0 || c == l || causal) continue;
+            // The columns' call: its keys j = l - c, ..., l - 1 (mod l), every row's range all of them, every tile
+            // full (the segment before it holds none of them). With c = l the segment keeps its keys (trimming it
+            // would empty it) and the columns' call masks them.
+            const detail::IndexMap columns{l - c, c, l};
+            const Index count = columns.count_below(m);
+            const detail::SparseMask<S> mask(&problem, 0, {}, columns);
+            std::vector<detail::KeyRange> ranges(static_cast<size_t>(n));
+            for (Index s = 0; s < n; ++s) ranges[size_t(s)] = mask.row_range(s);
+            for (Index s0 = 0; s0 < n && count > 0; s0 += 6) {
+              const Index rows = std::min<Index>(6, n - s0);
+              EXPECT_EQ(mask.classify(s0, ranges.data() + s0, rows, 0, count), detail::TileKind::kFull)
+                  << "rows " << s0;
+            }
+          }
+    }
 }
 
 // Short residue classes run side by side, one per lane of a packet (ResidueLanes): rates from the packet size up,

@@ -88,8 +88,8 @@ class SparsePattern {
  public:
   enum class Kind { kBand, kResidue, kSegment, kColumns, kBlocks };
   /// One term of the union. Band: a - left <= j <= a + right. Residue: (a - j) mod rate == 0 and, where left / right
-  /// are >= 0, a - left <= j <= a + right. Segment: floor(j / rate) == floor(a / rate). Columns: j mod rate >=
-  /// rate - count. Blocks: layout.
+  /// are >= 0, a - left <= j <= a + right. Segment: floor(j / rate) == floor(a / rate) and j mod rate < rate - count
+  /// (count is 0 from the factories; see SparseProblem). Columns: j mod rate >= rate - count. Blocks: layout.
   struct Term {
     Kind kind;
     Index rate = 1, left = -1, right = -1, count = 0;
@@ -204,7 +204,7 @@ class SparsePattern {
         return detail::floor_mod(a - j, t.rate) == 0 && (t.left < 0 || j >= a - t.left) &&
                (t.right < 0 || j <= a + t.right);
       case Kind::kSegment:
-        return floor_div(j, t.rate) == floor_div(a, t.rate);
+        return floor_div(j, t.rate) == floor_div(a, t.rate) && detail::floor_mod(j, t.rate) < t.rate - t.count;
       case Kind::kColumns:
         return j % t.rate >= t.rate - t.count;
       case Kind::kBlocks:
@@ -260,6 +260,15 @@ struct SparseProblem {
       }
       (t.gathered() ? gathered : direct).push_back(t);
     }
+    // A segment's last keys that summary columns of its length also hold (fixed(l, c): the c columns closing each
+    // segment) are left to the columns' call: the union is the same, but the segment's call then walks l - c keys a
+    // row and the columns' call masks none of its own (fixed(128, 16) at n = 1024: every tile of both calls full,
+    // where the columns' tiles were all partial).
+    for (Term& t : direct) {
+      if (t.kind != Kind::kSegment) continue;
+      for (const Term& c : gathered)
+        if (c.kind == Kind::kColumns && c.rate == t.rate && c.count < t.rate) t.count = std::max(t.count, c.count);
+    }
     for (const Term& t : direct) ordered.push_back(&t);
     for (const Term& t : gathered) ordered.push_back(&t);
   }
@@ -276,7 +285,7 @@ struct SparseProblem {
       case Kind::kResidue:
         return {t.left < 0 ? 0 : a - t.left, t.right < 0 ? kMax : a + t.right + 1};
       case Kind::kSegment:
-        return {floor_div(a, t.rate) * t.rate, floor_div(a, t.rate) * t.rate + t.rate};
+        return {floor_div(a, t.rate) * t.rate, floor_div(a, t.rate) * t.rate + t.rate - t.count};
       case Kind::kColumns:
         return KeyRange::all();
       case Kind::kBlocks: {
@@ -440,7 +449,6 @@ class SparseMask {
   }
 
   TileKind classify(Index s0, const KeyRange* ranges, Index rows, Index t0, Index count) const {
-    const Index j0 = kmap_(t0), j1 = kmap_(t0 + count - 1) + 1;
     bool any = false, all = true;
     Index seen = -1;  // the last row whose pattern cover was computed; rows with its key set reuse it
     Cover seen_cover = Cover::kNone;
@@ -451,7 +459,7 @@ class SparseMask {
         continue;
       }
       const Index i = qmap_(s0 + r);
-      if (seen < 0 || !same_pattern_keys(seen, i)) seen = i, seen_cover = pattern_cover(i, j0, j1);
+      if (seen < 0 || !same_pattern_keys(seen, i)) seen = i, seen_cover = pattern_cover(i, t0, t0 + count);
       const Cover pattern = seen_cover;
       if (pattern == Cover::kNone) {
         all = false;
@@ -478,7 +486,7 @@ class SparseMask {
     std::fill(row + hi, row + count, kNegInf);
     if (lo >= hi) return;
     const Index i = qmap_(s), a = p_->base.position(i);
-    const Cover cover = pattern_cover(i, kmap_(t0 + lo), kmap_(t0 + hi - 1) + 1);
+    const Cover cover = pattern_cover(i, t0 + lo, t0 + hi);
     if (cover == Cover::kAll) return;  // e.g. a band: the row's range is the whole story
     if (cover == Cover::kNone) return std::fill(row + lo, row + hi, kNegInf);
     bool elementwise = term_ < 0 || term_ > 0;
@@ -534,14 +542,21 @@ class SparseMask {
     return true;
   }
 
-  /// What the pattern keeps of the original keys [j0, j1) for row i: for the direct call, the union of the direct
-  /// terms; for a gathered call, the complement of what earlier terms hold (its own keys are the view's keys).
-  Cover pattern_cover(Index i, Index j0, Index j1) const {
-    const Index a = p_->base.position(i);
+  /// What the pattern keeps of the call's keys [t0, t1) (original keys kmap(t0) .. kmap(t1 - 1)) for row i: for the
+  /// direct call, the union of the direct terms; for a gathered call, the complement of what earlier terms hold (its
+  /// own keys are the view's keys). An interval term (band, segment) is judged by the call's own keys inside it, so a
+  /// segment that lies between a gathered call's keys (fixed's columns) leaves its tiles full.
+  Cover pattern_cover(Index i, Index t0, Index t1) const {
+    const Index a = p_->base.position(i), j0 = kmap_(t0), j1 = kmap_(t1 - 1) + 1;
     Cover earlier = Cover::kNone;
     for (const auto& t : p_->direct) {
       if (earlier == Cover::kAll) break;
-      earlier = cover_union(earlier, p_->term_cover(t, a, i, j0, j1));
+      if (t.kind == SparsePattern::Kind::kBand || t.kind == SparsePattern::Kind::kSegment) {
+        const KeyRange h = p_->term_hull(t, a, i);
+        earlier = cover_union(earlier, cover_of({kmap_.count_below(h.begin), kmap_.count_below(h.end)}, t0, t1));
+      } else {
+        earlier = cover_union(earlier, p_->term_cover(t, a, i, j0, j1));
+      }
     }
     if (term_ < 0) return earlier;
     for (Index g = 0; g < term_ && earlier != Cover::kAll; ++g)
@@ -873,7 +888,9 @@ class ResidueLanes {
   Index rate_, key_bound_;
 };
 
-/// Tile shapes for the direct call, unless the caller chose. Block layouts: tiles aligned with the blocks. Bands: a
+/// Tile shapes for the direct call, unless the caller chose. Block layouts and segments: tiles aligned with the blocks
+/// (fixed(128, 16)'s segments at n = 1024: one 128-row tile a segment, full, against 174-row tiles over two or three
+/// segments, partial, that packed their keys and masked their rows: 0.87x the time of its segment call). Bands: a
 /// key tile that holds a whole query tile's band (query rows + band width), so each query tile is one key tile whose
 /// ragged edges the strip limits trim (measured: local(128) at n = 16384 is 10% faster than with 256-key tiles).
 template <class S>
@@ -881,7 +898,8 @@ AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionO
   AttentionOptions o = options;
   const Index default_rows = query_tile_rows<S>(p.n, options);
   for (const auto& t : p.direct) {
-    if (t.kind == SparsePattern::Kind::kBlocks && o.query_tile == 0 && o.key_tile == 0) {
+    if ((t.kind == SparsePattern::Kind::kBlocks || t.kind == SparsePattern::Kind::kSegment) && o.query_tile == 0 &&
+        o.key_tile == 0) {
       // At most 96 rows: a tile over several block rows of a banded layout is partial almost everywhere (192-row
       // tiles over three 64-row blocks ran 2.2x slower than one block row per tile).
       o.query_tile = t.rate * std::max<Index>(1, std::min<Index>(default_rows, 16 * KernelShape<S>::kRows) / t.rate);

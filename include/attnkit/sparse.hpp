@@ -393,7 +393,10 @@ template <class S>
 class SparseMask {
  public:
   SparseMask(const SparseProblem<S>* p, Index term, IndexMap qmap, IndexMap kmap)
-      : p_(p), term_(term), qmap_(qmap), kmap_(kmap) {}
+      : p_(p), term_(term), qmap_(qmap), kmap_(kmap), runs_only_(term == 0) {
+    for (const auto& t : p->direct)
+      runs_only_ = runs_only_ && (t.kind == SparsePattern::Kind::kBand || t.kind == SparsePattern::Kind::kSegment);
+  }
 
   KeyRange row_range(Index s) const {
     const Index i = qmap_(s), a = p_->base.position(i);
@@ -486,9 +489,11 @@ class SparseMask {
     std::fill(row + hi, row + count, kNegInf);
     if (lo >= hi) return;
     const Index i = qmap_(s), a = p_->base.position(i);
-    const Cover cover = pattern_cover(i, t0 + lo, t0 + hi);
-    if (cover == Cover::kAll) return;  // e.g. a band: the row's range is the whole story
-    if (cover == Cover::kNone) return std::fill(row + lo, row + hi, kNegInf);
+    if (!runs_only_) {  // (the runs below are the whole story otherwise: no need to classify the row first)
+      const Cover cover = pattern_cover(i, t0 + lo, t0 + hi);
+      if (cover == Cover::kAll) return;  // e.g. a band: the row's range is the whole story
+      if (cover == Cover::kNone) return std::fill(row + lo, row + hi, kNegInf);
+    }
     bool elementwise = term_ < 0 || term_ > 0;
     if (term_ >= 0) {
       // A gathered call excludes the keys of interval-shaped direct terms (band, segment): one run per term.
@@ -567,6 +572,7 @@ class SparseMask {
   const SparseProblem<S>* p_;
   Index term_;
   IndexMap qmap_, kmap_;
+  bool runs_only_;  // the first gathered call after interval-shaped direct terms only: it masks their runs, no more
 };
 
 /// Query rows of one gathered call at most: a long residue class (or fixed's summary columns over every query) is cut

@@ -564,6 +564,40 @@ TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
   }
 }
 
+// Value rows k rows apart, a multiple of 1 KiB, fall in a few sets of the L1 cache: the lanes then copy a lane's rows
+// side by side when four or more groups of its queries read them (ResidueLanes::copies_values). Rates P and 2 P with a
+// d_v that makes them alias (a scalar tail where the packet allows one), classes of 20 queries, and the options that
+// trim the keys a group weighs (causal, windows, key padding, ALiBi), against the oracle and the masked dense kernel.
+TYPED_TEST(SparseTest, AliasingValueRowsOfLanesAreCopiedAndMatchTheOracle) {
+  using S = TypeParam;
+  constexpr Index P = detail::KernelShape<S>::kPacket;
+  unsigned seed = 900;
+  for (const Index k : {P, 2 * P}) {
+    const Index unit = 1024 / std::gcd<Index>(1024, k * Index(sizeof(S)));  // d_v a multiple of it: rows alias
+    const Index dv = unit * ((65 + unit - 1) / unit), n = 20 * k;
+    const std::vector<Case> patterns = {
+        {"atrous", SparsePattern::atrous(k), spec_atrous(k)},
+        {"atrous_window", SparsePattern::atrous(k, 6 * k + 1), spec_atrous(k, 6 * k + 1)},
+        {"local_atrous", SparsePattern::local_atrous(k), spec_local_atrous(k)},
+        {"strided", SparsePattern::strided(k), spec_strided(k)},
+    };
+    std::vector<AttentionOptions> options(5);
+    options[1].causal = true;
+    options[2].window_left = 5 * k, options[2].align = CausalAlign::kTopLeft;
+    options[3].key_length = n - 3 * k - 1;
+    options[4].alibi_slope = 0.25, options[4].causal = true;
+    for (const AttentionOptions& o : options)
+      for (const Case& c : patterns) {
+        expect_matches<S>(c, n, n, 8, dv, o, seed += 3);
+        if (P > 1) {
+          const detail::SparseProblem<S> problem("test", c.pattern, n, n, o);
+          EXPECT_TRUE(detail::ResidueLanes<S>::applies(problem, Index(problem.gathered.size()) - 1, o)) << c.name;
+          EXPECT_TRUE(detail::ResidueLanes<S>::copies_values(k, dv)) << "k=" << k << " d_v=" << dv;
+        }
+      }
+  }
+}
+
 // A NaN or Inf in a query, key or value row sends its lanes' classes back to the general calls: it reaches the rows
 // that see it and no other, even in the same lanes (causal rows before a key, the band's rows a class excludes).
 TYPED_TEST(SparseTest, ResidueLanesLeaveNaNOnlyWhereItIsSeen) {

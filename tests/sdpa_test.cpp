@@ -3,8 +3,11 @@
 #include <attnkit/attnkit.hpp>
 
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -438,6 +441,46 @@ TYPED_TEST(SdpaTest, MapsBlocksExpressionsAndStorageOrders) {
   EXPECT_TRUE(all_close(canvas.block(1, 2, n, dv), expected.out, tol)) << "out block";
   EXPECT_EQ(canvas(0, 0), S(42));
   EXPECT_EQ(canvas(n + 1, dv + 6), S(42));
+}
+
+// Value rows 1 KiB apart (a head of a wider matrix: a multi-head layer's values, a sparse residue class) alias in
+// L1 and are packed per key tile instead of read in place (reads_values_in_place). The results are bit for bit those
+// of the same values stored contiguously, match the oracle, and a NaN in masked value rows (key padding, causal)
+// stays out of the rows that do not see it.
+TYPED_TEST(SdpaTest, ValueRowsThatAliasInL1ArePackedWithTheSameResults) {
+  using S = TypeParam;
+  const Index width = 1024 / Index(sizeof(S)), dv = 16, d = 12;  // rows of the wide matrix 1 KiB apart
+  for (const auto& [n, m] : {std::pair<Index, Index>{7, 17}, {65, 100}, {130, 129}, {300, 257}}) {
+    SCOPED_TRACE("n=" + std::to_string(n) + " m=" + std::to_string(m));
+    const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2);
+    Matrix<S> wide = random_matrix<S>(m, width, 3);
+    const auto v = wide.middleCols(5 * dv, dv);
+    const Matrix<S> v_dense = v;
+    // Packed unless the call is a decoding step, the rows are not whole packets or the tile's values exceed L1.
+    const detail::ViewOf<std::decay_t<decltype(v)>> view(v);
+    const bool short_queries = detail::use_short_query_scores(n, detail::matrix_view(k));
+    const Index cols = detail::plan_tiles<S>(n, m, d, dv, {}).cols;
+    EXPECT_EQ(view.view().row_stride, width);
+    EXPECT_EQ(detail::reads_values_in_place(view.view(), cols, short_queries),
+              short_queries || dv % detail::KernelShape<S>::kPacket != 0 ||
+                  cols * dv * Index(sizeof(S)) > detail::kL1ValueBytes);
+    EXPECT_TRUE(detail::reads_values_in_place(detail::matrix_view(v_dense), cols, short_queries) ==
+                (dv % detail::KernelShape<S>::kPacket == 0));
+    for (const bool causal : {false, true}) {
+      AttentionOptions o;
+      o.causal = causal;
+      o.key_length = m - m / 4;
+      // Rows past key_length hold NaN: masked for every query, they must not reach any row.
+      wide.middleRows(o.key_length, m - o.key_length).setConstant(std::numeric_limits<S>::quiet_NaN());
+      Matrix<S> clean = v;
+      clean.middleRows(o.key_length, m - o.key_length).setZero();
+      const auto expected =
+          naive_attention(q.template cast<double>(), k.template cast<double>(), clean.template cast<double>(), o);
+      const Matrix<S> out = scaled_dot_product_attention(q, k, v, o);
+      EXPECT_TRUE(all_close(out, expected.out, this->tol(m) * clean.cwiseAbs().maxCoeff())) << causal;
+      EXPECT_TRUE(out == scaled_dot_product_attention(q, k, Matrix<S>(v), o)) << "packed == contiguous, " << causal;
+    }
+  }
 }
 
 TYPED_TEST(SdpaTest, EmptyInputs) {

@@ -153,6 +153,14 @@ TEST(WorkspaceBound, EverySparsePatternAndLinearForm) {
       EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p, o) + kSlack)
           << p.terms().size() << " terms, causal " << o.causal;
     }
+  // Blocks as long as the sequence: tiles aligned with them would hold n^2 scores (36 MB here); default tiles do not.
+  const BoolMatrix one = BoolMatrix::Constant(1, 1, true);
+  for (const SparsePattern& p : {SparsePattern::fixed(n, 16), SparsePattern::block(one, n)}) {
+    const int64_t heap =
+        measured_heap([&] { sparse_attention(q, k, v, out, p); }, [&] { sparse_attention(q, k, v, out, p); });
+    EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p) + kSlack) << p.terms().size() << " terms";
+    EXPECT_LE(sparse_attention_workspace_bytes<float>(n, n, d, dv, p), Index(8) << 20) << p.terms().size() << " terms";
+  }
   // Decoding shapes: a few queries over many keys, each residue class a split-K call with its partial outputs.
   for (const int threads : {1, 2})
     for (const SparsePattern& p : {SparsePattern::atrous(7), SparsePattern::strided(9), SparsePattern::fixed(64, 3)}) {

@@ -916,6 +916,9 @@ class ResidueLanes {
   Index rate_, key_bound_;
 };
 
+/// Blocks (of a layout, or fixed's segments) of at most this many rows get query and key tiles aligned with them.
+constexpr Index kMaxAlignedBlock = 512;
+
 /// Tile shapes for the direct call, unless the caller chose. Block layouts and segments: tiles aligned with the blocks
 /// (fixed(128, 16)'s segments at n = 1024: one 128-row tile a segment, full, against 174-row tiles over two or three
 /// segments, partial, that packed their keys and masked their rows: 0.87x the time of its segment call). Bands: a
@@ -926,8 +929,9 @@ AttentionOptions sparse_tile_options(const SparseProblem<S>& p, const AttentionO
   AttentionOptions o = options;
   const Index default_rows = query_tile_rows<S>(p.n, options);
   for (const auto& t : p.direct) {
-    if ((t.kind == SparsePattern::Kind::kBlocks || t.kind == SparsePattern::Kind::kSegment) && o.query_tile == 0 &&
-        o.key_tile == 0) {
+    // Blocks longer than kMaxAlignedBlock keep the default tiles: a tile of a whole block would hold block^2 scores.
+    if ((t.kind == SparsePattern::Kind::kBlocks || t.kind == SparsePattern::Kind::kSegment) &&
+        t.rate <= kMaxAlignedBlock && o.query_tile == 0 && o.key_tile == 0) {
       // At most 96 rows: a tile over several block rows of a banded layout is partial almost everywhere (192-row
       // tiles over three 64-row blocks ran 2.2x slower than one block row per tile).
       o.query_tile = t.rate * std::max<Index>(1, std::min<Index>(default_rows, 16 * KernelShape<S>::kRows) / t.rate);

@@ -411,6 +411,10 @@ bool decode_tile_of(int rows, int packets, const float* q, const float* keys, co
 /// The bytes of a key tile's values that the L1 cache holds for a query tile's strips (two thirds of 48 KiB).
 constexpr Index kL1ValueBytes = 32 * 1024;
 
+/// Whether rows `row_bytes` apart fall in a few sets of the L1 cache: a multiple of 1 KiB puts them in at most four
+/// 64-set groups (a sparse residue class's rows k apart, a head of a multi-head layer's values).
+constexpr bool rows_alias_in_l1(Index row_bytes) { return row_bytes % 1024 == 0; }
+
 /// Whether the fused loop reads a call's value rows in place (else it packs them per key tile of `cols` keys): when
 /// they are whole packets, unless the tile's values would fit in L1 but for their rows being a multiple of 1 KiB apart
 /// (a sparse residue class, rows k apart; a head of a multi-head layer's values), which puts them all in a few of its
@@ -420,8 +424,8 @@ constexpr Index kL1ValueBytes = 32 * 1024;
 template <class S>
 bool reads_values_in_place(const StridedView<S>& v, Index cols, bool short_queries) {
   const Index dv = v.cols, bytes = Index(sizeof(S));
-  const bool alias =
-      !short_queries && v.row_stride != dv && v.row_stride * bytes % 1024 == 0 && cols * dv * bytes <= kL1ValueBytes;
+  const bool alias = !short_queries && v.row_stride != dv && rows_alias_in_l1(v.row_stride * bytes) &&
+                     cols * dv * bytes <= kL1ValueBytes;
   return v.row_contiguous() && v.group_rows == 0 && dv % KernelShape<S>::kPacket == 0 && !alias;
 }
 

@@ -410,8 +410,7 @@ class SparseMask {
     } else {
       hull = p_->term_hull(p_->gathered[size_t(term_)], a, i);
     }
-    const KeyRange g = intersect(p_->base.row_range(i), hull);
-    return {kmap_.count_below(g.begin), kmap_.count_below(g.end)};
+    return call_keys(intersect(p_->base.row_range(i), hull));
   }
 
   const IndexMap& query_map() const { return qmap_; }
@@ -502,9 +501,8 @@ class SparseMask {
           elementwise = true;
           continue;
         }
-        const KeyRange h = p_->term_hull(t, a, i);
-        const Index x0 = std::clamp<Index>(kmap_.count_below(h.begin) - t0, lo, hi);
-        const Index x1 = std::clamp<Index>(kmap_.count_below(h.end) - t0, x0, hi);
+        const KeyRange h = call_keys(p_->term_hull(t, a, i));
+        const Index x0 = std::clamp<Index>(h.begin - t0, lo, hi), x1 = std::clamp<Index>(h.end - t0, x0, hi);
         std::fill(row + x0, row + x1, kNegInf);
       }
     }
@@ -514,6 +512,9 @@ class SparseMask {
   }
 
  private:
+  /// The call's keys t whose original key kmap(t) lies in the interval h of original keys.
+  KeyRange call_keys(KeyRange h) const { return {kmap_.count_below(h.begin), kmap_.count_below(h.end)}; }
+
   /// Whether this call counts key j for row i (inside the row's range).
   bool keeps(Index a, Index i, Index j) const {
     bool earlier = false;
@@ -557,8 +558,7 @@ class SparseMask {
     for (const auto& t : p_->direct) {
       if (earlier == Cover::kAll) break;
       if (t.kind == SparsePattern::Kind::kBand || t.kind == SparsePattern::Kind::kSegment) {
-        const KeyRange h = p_->term_hull(t, a, i);
-        earlier = cover_union(earlier, cover_of({kmap_.count_below(h.begin), kmap_.count_below(h.end)}, t0, t1));
+        earlier = cover_union(earlier, cover_of(call_keys(p_->term_hull(t, a, i)), t0, t1));
       } else {
         earlier = cover_union(earlier, p_->term_cover(t, a, i, j0, j1));
       }

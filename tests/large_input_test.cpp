@@ -67,9 +67,9 @@ TEST(LargeInput, FusedSdpaWithinItsWorkspace) {
   Matrix<float> out(kN, kD);
   AttentionOptions o;
   o.causal = true;  // half the FLOPs of the full problem keeps the test under a minute on portable flags
-  const int64_t heap = measured_heap(
-      [&] { scaled_dot_product_attention(in.q.topRows(300), in.k.topRows(300), in.v.topRows(300), o); },
-      [&] { scaled_dot_product_attention(in.q, in.k, in.v, out, o); });
+  const int64_t heap =
+      measured_heap([&] { scaled_dot_product_attention(in.q.topRows(300), in.k.topRows(300), in.v.topRows(300), o); },
+                    [&] { scaled_dot_product_attention(in.q, in.k, in.v, out, o); });
   const int64_t bound = int64_t(detail::resolve_threads(o.threads)) *
                             scaled_dot_product_attention_workspace_bytes<float>(kN, kN, kD, kD, o) +
                         kSlack;
@@ -77,30 +77,36 @@ TEST(LargeInput, FusedSdpaWithinItsWorkspace) {
   EXPECT_LE(heap, bound) << "measured " << heap << " bytes";
   EXPECT_LT(bound, int64_t(8) << 20);  // the documented workspace itself is a few MiB, not O(n^2)
   EXPECT_TRUE(out.allFinite());
-  expect_rows_match_softmax(out, [](Index i) {
-    std::vector<Index> js;
-    for (Index j = 0; j <= i; ++j) js.push_back(j);
-    return js;
-  }, "sdpa");
+  expect_rows_match_softmax(
+      out,
+      [](Index i) {
+        std::vector<Index> js;
+        for (Index j = 0; j <= i; ++j) js.push_back(j);
+        return js;
+      },
+      "sdpa");
 }
 
 TEST(LargeInput, SparseLocalWithinItsWorkspace) {
   const Inputs& in = inputs();
   Matrix<float> out(kN, kD);
   const SparsePattern local = SparsePattern::local(256);
-  const int64_t heap = measured_heap(
-      [&] { sparse_attention(in.q.topRows(600), in.k.topRows(600), in.v.topRows(600), local); },
-      [&] { sparse_attention(in.q, in.k, in.v, out, local); });
+  const int64_t heap =
+      measured_heap([&] { sparse_attention(in.q.topRows(600), in.k.topRows(600), in.v.topRows(600), local); },
+                    [&] { sparse_attention(in.q, in.k, in.v, out, local); });
   const int64_t bound = sparse_attention_workspace_bytes<float>(kN, kN, kD, kD, local) + kSlack;
   show("sparse local(256)", heap, bound);
   EXPECT_LE(heap, bound) << "measured " << heap << " bytes";
   EXPECT_LT(bound, int64_t(8) << 20);
   EXPECT_TRUE(out.allFinite());
-  expect_rows_match_softmax(out, [](Index i) {
-    std::vector<Index> js;
-    for (Index j = std::max<Index>(0, i - 256); j <= std::min(kN - 1, i + 256); ++j) js.push_back(j);
-    return js;
-  }, "sparse local");
+  expect_rows_match_softmax(
+      out,
+      [](Index i) {
+        std::vector<Index> js;
+        for (Index j = std::max<Index>(0, i - 256); j <= std::min(kN - 1, i + 256); ++j) js.push_back(j);
+        return js;
+      },
+      "sparse local");
 }
 
 TEST(LargeInput, LinearAttentionWithinItsWorkspace) {
@@ -144,12 +150,12 @@ TEST(WorkspaceBound, EverySparsePatternAndLinearForm) {
   AttentionOptions causal;
   causal.causal = true, causal.log_n_scale = true;
   for (const AttentionOptions& o : {AttentionOptions{}, causal})
-    for (const SparsePattern& p : {SparsePattern::local(17), SparsePattern::atrous(7), SparsePattern::local_atrous(9),
-                                   SparsePattern::strided(55), SparsePattern::fixed(64, 3),
-                                   SparsePattern::block(layout, 64), SparsePattern::atrous(64),
-                                   SparsePattern::local_atrous(100)}) {  // the last two: short classes, as lanes
-      const int64_t heap = measured_heap([&] { sparse_attention(q, k, v, out, p, o); },
-                                         [&] { sparse_attention(q, k, v, out, p, o); });
+    for (const SparsePattern& p :
+         {SparsePattern::local(17), SparsePattern::atrous(7), SparsePattern::local_atrous(9),
+          SparsePattern::strided(55), SparsePattern::fixed(64, 3), SparsePattern::block(layout, 64),
+          SparsePattern::atrous(64), SparsePattern::local_atrous(100)}) {  // the last two: short classes, as lanes
+      const int64_t heap =
+          measured_heap([&] { sparse_attention(q, k, v, out, p, o); }, [&] { sparse_attention(q, k, v, out, p, o); });
       EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p, o) + kSlack)
           << p.terms().size() << " terms, causal " << o.causal;
     }

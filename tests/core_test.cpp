@@ -638,7 +638,7 @@ TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheCacheTheyCountOn) {
   EXPECT_FALSE(exceeds_cache(llc, llc / 2, llc));      // fits in the cache
   EXPECT_FALSE(exceeds_cache(4 * llc, llc / 8, llc));  // a small output (a decoding step's partial rows)
   // Streaming stores: past the part of the last-level cache an output counts on, at most kCachePerCpu per CPU.
-  const Index out = output_cache_bytes(), cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
+  const Index out = usable_cache_bytes(), cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
   EXPECT_EQ(out, std::min(llc, cpus * kCachePerCpu));
   EXPECT_TRUE(streams_past_cache(out + 1, out / 8 + 1));
   EXPECT_FALSE(streams_past_cache(out, out / 2));

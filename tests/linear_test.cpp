@@ -184,7 +184,7 @@ TYPED_TEST(LinearTest, EfficientAttentionRescalesAsColumnMaximaRiseAcrossChunks)
 TEST(LinearFloatTest, OutputWrittenPastTheCachesEqualsTheCachedPath) {
   using S = float;
   const Index d = 8, dv = 8;
-  const Index n = detail::output_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;  // inputs + output
+  const Index n = detail::usable_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;  // inputs + output
   ASSERT_TRUE(detail::streams_past_cache(2 * n * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
   const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(n, d, 2), v = random_matrix<S>(n, dv, 3);
   const Index s0 = n / 3, rows = 301;

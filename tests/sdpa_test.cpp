@@ -517,7 +517,7 @@ TEST(SdpaFloat, OutputWrittenPastTheCachesEqualsTheCachedPath) {
   using S = float;
   for (const auto& [d, dv] : {std::pair<Index, Index>{8, 16}, {5, 7}}) {
     const Index m = 40;
-    const Index n = detail::output_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 5 / 4;
+    const Index n = detail::usable_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 5 / 4;
     ASSERT_TRUE(detail::streams_past_cache((n + m) * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
     const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
     const Matrix<S> full = scaled_dot_product_attention(q, k, v);

@@ -6,6 +6,7 @@
 #include <functional>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -431,33 +432,40 @@ TYPED_TEST(SparseTest, GatheredOnlyPatternsWriteTheirRowsInPlace) {
   }
 }
 
-// An atrous call larger than the cache an output counts on writes its residue classes' rows (rate rows apart) with
-// streaming stores: sampled rows, each against its own keys in double precision. Odd widths leave rows that start
-// mid-packet.
-TEST(SparseStreamingTest, AtrousRowsWrittenPastTheCachesMatchTheDoubleOracle) {
+// Calls larger than the cache they can count on stream past it: an atrous term writes its residue classes' rows (rate
+// rows apart) with streaming stores, and the tile loop of a band fetches its next keys and values ahead. Sampled rows,
+// each against its own keys in double precision. Odd widths leave rows that start mid-packet.
+TEST(SparseStreamingTest, RowsOfCallsPastTheCachesMatchTheDoubleOracle) {
   using S = float;
-  const Index d = 8, dv = 7, rate = 1009;
-  const Index n = detail::output_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;
+  const Index d = 8, dv = 7;
+  const Index n = detail::usable_cache_bytes() / (2 * (d + dv) * Index(sizeof(S))) * 5 / 4;
   ASSERT_TRUE(detail::streams_past_cache(2 * n * (d + dv) * Index(sizeof(S)), n * dv * Index(sizeof(S))));
   const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(n, d, 2), v = random_matrix<S>(n, dv, 3);
-  for (const bool causal : {false, true}) {
-    AttentionOptions o;
-    o.causal = causal;
-    const Matrix<S> out = sparse_attention(q, k, v, SparsePattern::atrous(rate), o);
-    for (const Index i : {Index(0), Index(1), rate - 1, rate, n / 2 + 5, n - rate - 1, n - 2, n - 1}) {
-      std::vector<Index> keys;
-      for (Index j = i % rate; j < n && (!causal || j <= i); j += rate) keys.push_back(j);
-      Eigen::VectorXd logits(Index(keys.size()));
-      for (size_t t = 0; t < keys.size(); ++t)
-        logits[Index(t)] = q.row(i).cast<double>().dot(k.row(keys[t]).cast<double>()) / std::sqrt(double(d));
-      const Eigen::VectorXd w = (logits.array() - logits.maxCoeff()).exp().matrix();
-      Eigen::RowVectorXd expected = Eigen::RowVectorXd::Zero(dv);
-      for (size_t t = 0; t < keys.size(); ++t) expected += w[Index(t)] * v.row(keys[t]).cast<double>();
-      expected /= w.sum();
-      EXPECT_TRUE(all_close(out.row(i), MatD(expected), attention_tolerance<S>(Index(keys.size()))))
-          << "row " << i << (causal ? " causal" : "");
+  const std::vector<std::tuple<const char*, SparsePattern, Spec, Index>> patterns = {
+      {"atrous(1009)", SparsePattern::atrous(1009), spec_atrous(1009), 1009},
+      {"local(37)", SparsePattern::local(37), spec_local(37), 37},
+      {"strided(101)", SparsePattern::strided(101), spec_strided(101), 101}};
+  for (const auto& [name, pattern, spec, width] : patterns)
+    for (const bool causal : {false, true}) {
+      AttentionOptions o;
+      o.causal = causal;
+      const Matrix<S> out = sparse_attention(q, k, v, pattern, o);
+      for (const Index i : {Index(0), Index(1), width - 1, width, n / 2 + 5, n - width - 1, n - 2, n - 1}) {
+        std::vector<Index> keys;
+        for (Index j = 0; j < n; ++j)
+          if (spec(i, i, j) && (!causal || j <= i)) keys.push_back(j);
+        Eigen::VectorXd logits(Index(keys.size()));
+        for (size_t t = 0; t < keys.size(); ++t)
+          logits[Index(t)] = q.row(i).cast<double>().dot(k.row(keys[t]).cast<double>()) / std::sqrt(double(d));
+        const Eigen::VectorXd w = (logits.array() - logits.maxCoeff()).exp().matrix();
+        Eigen::RowVectorXd expected = Eigen::RowVectorXd::Zero(dv);
+        for (size_t t = 0; t < keys.size(); ++t) expected += w[Index(t)] * v.row(keys[t]).cast<double>();
+        expected /= w.sum();
+        EXPECT_TRUE(all_close(out.row(i), MatD(expected), attention_tolerance<S>(Index(keys.size()))))
+            << name << " row " << i << (causal ? " causal" : "");
+      }
+      EXPECT_TRUE(out.allFinite()) << name;
     }
-  }
 }
 
 // fixed(l, c) as two calls that never overlap: the segment's call keeps l - c keys a row (its closing c columns are the

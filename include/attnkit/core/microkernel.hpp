@@ -139,8 +139,9 @@ inline void prefetch_row(const S* p, Index count) {
 /// touches them, and prefetching a whole chunk in one burst stalls it too, as soon as the core's line-fill buffers are
 /// all busy; spread over the micro-kernel calls of the current chunk (tile_product calls step() before each), the
 /// next chunk's loads overlap this chunk's arithmetic. Only a hint: results never depend on it. Views whose rows are
-/// not contiguous are not prefetched. The fused tile loop uses it only for calls larger than the last-level cache (the
-/// next key tile, or the next query tile's rows): for rows that are in the caches anyway it measured 2-6% slower.
+/// not contiguous are not prefetched. The fused tile loop uses it only for calls that stream past the caches
+/// (streams_past_cache: the next key tile's keys and values, or the next query tile's new ones): for rows that are in
+/// the caches anyway it measured 2-6% slower.
 class Lookahead {
  public:
   /// Forgets what is queued.

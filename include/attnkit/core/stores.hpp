@@ -87,10 +87,10 @@ inline Index l2_cache_bytes() {
 /// gets of its socket's L3 (Zen 4 / Zen 5: 32 MiB per complex of 8 cores; Xeon: 1.9-5 MiB per core).
 constexpr Index kCachePerCpu = Index(4) << 20;
 
-/// Bytes of the last-level cache that a call's output can count on staying in: last_level_cache_bytes(), but at most
+/// Bytes of the last-level cache that a call can count on keeping its rows in: last_level_cache_bytes(), but at most
 /// kCachePerCpu per logical CPU of this machine. A virtual machine reports its host socket's whole L3 as its own (480
 /// MiB on a 2-CPU Granite Rapids guest, 508 MiB on a Zen 5 one) while other guests share it.
-inline Index output_cache_bytes() {
+inline Index usable_cache_bytes() {
   static const Index bytes = [] {
     const Index cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
     return std::min(last_level_cache_bytes(), cpus * kCachePerCpu);
@@ -103,11 +103,13 @@ inline Index output_cache_bytes() {
 /// it; a few rows, such as a decoding step's partial results that are merged right away, stay in the caches).
 inline bool exceeds_cache(Index bytes, Index out_bytes, Index cache) { return bytes > cache && out_bytes > cache / 8; }
 
-/// Whether such a call should write its output with streaming stores: when it exceeds output_cache_bytes(). Sized
-/// so, against the whole reported L3 of a 2-CPU guest, linear attention (elu+1, d = 64) at n = 16384 / 65536 took
-/// 0.95 / 0.90x the time, 0.96 / 0.94x with a projection that reads the output after it (Granite Rapids).
+/// Whether such a call streams past the caches, exceeding usable_cache_bytes(): its rows come from memory, so it
+/// writes its output with streaming stores and the tile loop fetches its next rows ahead. Sized so, against the whole
+/// reported L3 of a 2-CPU guest, linear attention (elu+1, d = 64) at n = 16384 / 65536 took 0.95 / 0.90x the time with
+/// the stores, 0.96 / 0.94x with a projection that reads the output after it; local(128) at n = 32768 / 65536
+/// 0.95-0.96x with the fetches (Granite Rapids).
 inline bool streams_past_cache(Index bytes, Index out_bytes) {
-  return exceeds_cache(bytes, out_bytes, output_cache_bytes());
+  return exceeds_cache(bytes, out_bytes, usable_cache_bytes());
 }
 
 /// Bytes an attention call of n queries over m keys (key width d, value width dv, scalars S) reads and writes: q, k, v

@@ -453,13 +453,12 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const Index block_rows = plan.rows * plan.group, blocks = (n + block_rows - 1) / block_rows;
   const bool short_queries = use_short_query_scores(n, k);
   const bool values_in_place = reads_values_in_place(v, plan.cols, short_queries);
-  // A call larger than the last-level cache reads its rows from memory: it fetches them ahead. (Fetching ahead rows
-  // that are in the caches anyway measured 2-6% slower, so this trusts the cache size the machine reports.) One
-  // larger than the part of it an output can count on writes its output past the caches.
+  // A call larger than the part of the last-level cache it can count on reads its rows from memory: it fetches its
+  // next keys and values ahead, and writes its output past the caches. (Fetching ahead rows that are in the caches
+  // anyway measured 2-6% slower.)
   const Index bytes = attention_call_bytes<S>(n, m, d, dv), out_bytes = Index(sizeof(S)) * n * dv;
-  const bool from_memory = exceeds_cache(bytes, out_bytes, last_level_cache_bytes());
-  const bool stream_out =
-      out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && streams_past_cache(bytes, out_bytes));
+  const bool from_memory = streams_past_cache(bytes, out_bytes);
+  const bool stream_out = out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && from_memory);
   // A decoding step whose keys and values (the memory their rows span: a KV cache's rows hold every head) exceed
   // 3/4 of the last-level cache reads its keys ahead of its scores, and its values (in place) while the scores run
   // (short_query_scores); for keys in the caches that measured slower (1.07-1.32x at m = 4096), from DRAM faster.
@@ -483,9 +482,11 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
 
   // Queues the rows the loop reads next and has not read lately, to be fetched a few lines per micro-kernel call of
   // the current key tile (cols keys): the next key tile's keys and values from seen_end on (the keys before it were
-  // read by the previous query tile), or after the last key tile the next query tile's queries and the keys and values
-  // it reaches beyond this tile's key_end. For a band those are exactly the new rows; for dense attention, only the
-  // queries. Key ranges are taken from a tile's last (and first) rows: exact for bands, only a hint otherwise.
+  // read by the previous query tile), or after the last key tile the keys and values the next query tile reaches
+  // beyond this tile's key_end. For a band those are exactly the new rows; for dense attention, none. Key ranges are
+  // taken from a tile's last (and first) rows: exact for bands, only a hint otherwise. The next tile's queries are
+  // not queued: run_block fetches them 16 rows ahead as it copies them, and queued as well they took the line-fill
+  // buffers from the keys and values (block(64) at n = 65536: 1.04x the time of fetching keys and values alone).
   const auto fetch_next = [&](const KeyRange* next_keys, Index n0, Index rows, Index seen_end, Index key_end,
                               Index cols, AttentionWorkspace<S>& ws) {
     ws.ahead.clear();
@@ -503,7 +504,6 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
         const KeyRange g = intersect(mask.row_range(r), keys);
         if (!g.empty()) next = {std::min(next.begin, g.begin), std::max(next.end, g.end)};
       }
-      ws.ahead.add(q, n0, n0 + next_rows);
       const Index from = std::max(next.begin, key_end);
       if (from < next.end) {
         ws.ahead.add(k, from, next.end);

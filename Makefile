@@ -76,7 +76,7 @@ bench: deps
 	$(PYTHON) bench/plot.py $(RESULTS)
 
 bench-quick:
-	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024|length:1024|BM_StreamFloor/work:16/panel:16)/' BENCH_MIN_TIME=0.01
+	$(MAKE) bench BENCH_FILTER='(n:(256|512)|m:4096|pattern:[0-9]+/n:1024|BM_Dense/n:1024|length:1024|BM_StreamFloor/work:16/panel:16|n:4096/page_KiB:[0-9]+)/' BENCH_MIN_TIME=0.01
 
 # After a full `make bench`: copy its summary, overview and plots to docs/benchmarks/ and put the overview table
 # into the README's benchmark section.

@@ -76,6 +76,21 @@ void BM_Linear(benchmark::State& state) {
   state.SetLabel(kMapNames[id]);
 }
 
+/// elu+1 at n = 4096 and 65536, its rows (q, k, v, out) in 4 KiB or 2 MiB pages (PagedRows, placed alike): what the
+/// pages of the caller's rows add to the growth past the caches.
+void BM_LinearPages(benchmark::State& state) {
+  const Index n = state.range(1);
+  PagedProblem x(n, kD, state.range(2) == 2048);
+  auto out = x.out.map();
+  LinearOptions o;
+  o.causal = state.range(0) != 0;
+  o.threads = 1;
+  const int64_t heap =
+      run_timed(state, [&] { linear_attention(x.q.map(), x.k.map(), x.v.map(), out, EluPlusOne{}, o); });
+  state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
+  state.SetLabel(kMapNames[kElu]);
+}
+
 /// Exact attention at the same sizes, for the speed-ups and the crossover.
 void BM_Exact(benchmark::State& state) {
   const Index n = state.range(1);
@@ -87,8 +102,8 @@ void BM_Exact(benchmark::State& state) {
   o.threads = int(state.range(2));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   state.counters["heap_MiB"] = double(heap) / (1024.0 * 1024.0);
-  report_workspace(state, detail::resolve_threads(o.threads) *
-                              scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
+  report_workspace(
+      state, detail::resolve_threads(o.threads) * scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
   report_error(state, std::to_string(state.range(0)),
                [&] { return fused_error(q.topRows(200), k.topRows(200), v.topRows(200), o); });
 }
@@ -148,6 +163,12 @@ BENCHMARK(BM_Linear)
 BENCHMARK(BM_Linear)
     ->ArgNames({"map", "causal", "n", "threads"})
     ->ArgsProduct({{kEfficient}, {0}, kLengths, {1}})
+    ->MinTime(1.0)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_LinearPages)
+    ->ArgNames({"causal", "n", "page_KiB"})
+    ->ArgsProduct({{0, 1}, {4096, 65536}, {4, 2048}})
     ->MinTime(1.0)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);

@@ -68,12 +68,26 @@ void BM_Sparse(benchmark::State& state) {
     const Index small = 1000;
     const SparsePattern sp = make_pattern(int(state.range(0)), small);
     const Matrix<float> sq = q.topRows(small), sk = k.topRows(small), sv = v.topRows(small);
-    return relative_error(sparse_attention(sq, sk, sv, sp),
-                          reference::sparse_attention(sq.cast<double>().eval(), sk.cast<double>().eval(),
-                                                      sv.cast<double>().eval(), sp));
+    return relative_error(
+        sparse_attention(sq, sk, sv, sp),
+        reference::sparse_attention(sq.cast<double>().eval(), sk.cast<double>().eval(), sv.cast<double>().eval(), sp));
   });
   report_workspace(state, sparse_attention_workspace_bytes<float>(n, n, kD, kD, p, o));
   state.counters["keys_per_query"] = pairs / double(n);
+  state.SetLabel(kPatternNames[state.range(0)]);
+}
+
+/// local(128) and the block layout at n = 4096 and 65536, their rows (q, k, v, out) in 4 KiB or 2 MiB pages
+/// (PagedRows, placed alike): what the pages of the caller's rows add to the growth past the caches.
+void BM_SparsePages(benchmark::State& state) {
+  const Index n = state.range(1);
+  const SparsePattern p = make_pattern(int(state.range(0)), n);
+  PagedProblem x(n, kD, state.range(2) == 2048);
+  auto out = x.out.map();
+  AttentionOptions o;
+  o.threads = 1;
+  const int64_t heap = run_timed(state, [&] { sparse_attention(x.q.map(), x.k.map(), x.v.map(), out, p, o); });
+  report(state, attention_flops(allowed_pairs(p, n), kD, kD), o.threads, heap);
   state.SetLabel(kPatternNames[state.range(0)]);
 }
 
@@ -86,8 +100,8 @@ void BM_Dense(benchmark::State& state) {
   o.threads = int(state.range(1));
   const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
   report(state, attention_flops(double(n) * double(n), kD, kD), o.threads, heap);
-  report_workspace(state, detail::resolve_threads(o.threads) *
-                              scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
+  report_workspace(
+      state, detail::resolve_threads(o.threads) * scaled_dot_product_attention_workspace_bytes<float>(n, n, kD, kD, o));
   report_error(state, "dense", [&] { return fused_error(q.topRows(1000), k.topRows(1000), v.topRows(1000)); });
   state.counters["keys_per_query"] = double(n);
 }
@@ -106,6 +120,12 @@ BENCHMARK(BM_Sparse)
 BENCHMARK(BM_Sparse)
     ->ArgNames({"pattern", "n", "threads"})
     ->ArgsProduct({{kLocal, kAtrous, kLocalAtrous, kStrided, kFixed, kBlockSparse}, {16384, 65536}, {2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SparsePages)
+    ->ArgNames({"pattern", "n", "page_KiB"})
+    ->ArgsProduct({{kLocal, kBlockSparse}, {4096, 65536}, {4, 2048}})
+    ->MinTime(1.0)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Dense)

@@ -13,8 +13,13 @@
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <new>
 #include <random>
 #include <string>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace attnkit::bench {
 
@@ -174,6 +179,56 @@ Matrix<S> random_matrix(Index rows, Index cols, unsigned seed) {
   for (Index i = 0; i < x.size(); ++i) x.data()[i] = static_cast<S>(dist(gen));
   return x;
 }
+
+/// The rows of one n x 64-style float input in memory of their own (mmap, not the counted heap), 2 MiB-aligned plus
+/// `offset` bytes, in 4 KiB pages or, with `huge`, marked for transparent huge pages (madvise(MADV_HUGEPAGE), which
+/// Debian's default THP setting "madvise" grants). Both kinds are placed alike, so a pair of rows differs in its pages
+/// alone. What the caller's pages cost a kernel past the caches: README, "Large inputs". Elsewhere than Linux, or
+/// where the kernel declines, the pages stay 4 KiB.
+class PagedRows {
+ public:
+  PagedRows(Index rows, Index cols, bool huge, Index offset, unsigned seed) : rows_(rows), cols_(cols) {
+    constexpr size_t kHuge = size_t(2) << 20;
+    bytes_ = (size_t(rows * cols) * sizeof(float) + size_t(offset) + 2 * kHuge - 1) / kHuge * kHuge + kHuge;
+#if defined(__linux__)
+    void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) throw std::bad_alloc();
+    base_ = static_cast<char*>(p);
+    char* aligned = base_ + (kHuge - reinterpret_cast<std::uintptr_t>(base_) % kHuge) % kHuge;
+    madvise(aligned, bytes_ - size_t(aligned - base_), huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+#else
+    (void)huge;
+    base_ = static_cast<char*>(::operator new(bytes_));
+    char* aligned = base_ + (kHuge - reinterpret_cast<std::uintptr_t>(base_) % kHuge) % kHuge;
+#endif
+    data_ = reinterpret_cast<float*>(aligned + offset);
+    map() = random_matrix<float>(rows, cols, seed);  // first touch: the pages are allocated here
+  }
+  PagedRows(const PagedRows&) = delete;
+  PagedRows& operator=(const PagedRows&) = delete;
+  ~PagedRows() {
+#if defined(__linux__)
+    munmap(base_, bytes_);
+#else
+    ::operator delete(base_);
+#endif
+  }
+  Eigen::Map<Matrix<float>> map() { return {data_, rows_, cols_}; }
+
+ private:
+  Index rows_, cols_;
+  size_t bytes_ = 0;
+  char* base_ = nullptr;
+  float* data_ = nullptr;
+};
+
+/// Four such inputs (q, k, v and the output) at offsets 17 x 64 bytes apart: rows i of different matrices then do not
+/// share their address's low 12 bits, which 2 MiB alignment alone would give them.
+struct PagedProblem {
+  PagedProblem(Index n, Index d, bool huge)
+      : q(n, d, huge, 0, 1), k(n, d, huge, 1088, 2), v(n, d, huge, 2176, 3), out(n, d, huge, 3264, 4) {}
+  PagedRows q, k, v, out;
+};
 
 }  // namespace attnkit::bench
 

@@ -288,6 +288,29 @@ def decode_section(rows):
     return lines
 
 
+def pages_section(rows):
+    """The SparsePages and LinearPages rows: growth 4096 -> 65536 with the rows in 4 KiB pages and in 2 MiB pages."""
+    groups = defaultdict(dict)
+    for r in rows:
+        if r["variant"] in ("SparsePages", "LinearPages"):
+            rest = ", ".join(f"{k}={v}" for k, v in r["params"].items() if k not in ("n", "page_KiB"))
+            groups[(r["variant"], rest)][(r["params"]["page_KiB"], int(r["params"]["n"]))] = r
+    if not groups:
+        return []
+    lines = ["", "## Growth with the rows in 4 KiB and in 2 MiB pages (one thread)", "",
+             "q, k, v and the output in memory of their own, placed alike, in 4 KiB pages or marked for transparent "
+             "huge pages (bench_util.hpp, PagedRows); LinearPages is elu+1.", "",
+             "| variant | parameters | time(65536) / time(4096), best calls: 4 KiB pages | 2 MiB pages |",
+             "|---|---|---:|---:|"]
+    for (variant, rest), runs in sorted(groups.items()):
+        cells = []
+        for pages in ("4", "2048"):
+            series_runs = {n: r for (p, n), r in runs.items() if p == pages}
+            cells.append(growth(series_runs, 4096, 65536))
+        lines.append(f"| {variant} | {rest} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def summary(rows, context, results):
     peak = context.get("fma_peak_gflops_per_core", "?")
     lines = [
@@ -312,6 +335,7 @@ def summary(rows, context, results):
                      f"{sci(r['max_err'])} |")
     lines += sparse_section(rows)
     lines += linear_section(rows)
+    lines += pages_section(rows)
     lines += synthesizer_section(rows)
     lines += gau_section(rows)
     lines += decode_section(rows)

@@ -180,11 +180,11 @@ Matrix<S> random_matrix(Index rows, Index cols, unsigned seed) {
   return x;
 }
 
-/// The rows of one n x 64-style float input in memory of their own (mmap, not the counted heap), 2 MiB-aligned plus
-/// `offset` bytes, in 4 KiB pages or, with `huge`, marked for transparent huge pages (madvise(MADV_HUGEPAGE), which
-/// Debian's default THP setting "madvise" grants). Both kinds are placed alike, so a pair of rows differs in its pages
-/// alone. What the caller's pages cost a kernel past the caches: README, "Large inputs". Elsewhere than Linux, or
-/// where the kernel declines, the pages stay 4 KiB.
+/// A rows x cols float matrix in memory of its own (mmap, not the counted heap), 2 MiB-aligned plus `offset` bytes, in
+/// 4 KiB pages or, with `huge`, marked for transparent huge pages (madvise(MADV_HUGEPAGE), what the THP setting
+/// "madvise" of this machine requires). Both kinds are placed alike, so a pair of benchmarks differs in its pages
+/// alone. What the caller's pages cost a kernel past the caches: README, "Large inputs". Elsewhere than Linux, or where
+/// the kernel declines, the pages stay 4 KiB.
 class PagedRows {
  public:
   PagedRows(Index rows, Index cols, bool huge, Index offset, unsigned seed) : rows_(rows), cols_(cols) {

@@ -637,12 +637,13 @@ TEST(StoreScaled, StreamsOnlyLargeOutputsOfCallsLargerThanTheCacheTheyCountOn) {
   EXPECT_TRUE(exceeds_cache(llc + 1, llc / 8 + 1, llc));
   EXPECT_FALSE(exceeds_cache(llc, llc / 2, llc));      // fits in the cache
   EXPECT_FALSE(exceeds_cache(4 * llc, llc / 8, llc));  // a small output (a decoding step's partial rows)
-  // Streaming stores: past the part of the last-level cache an output counts on, at most kCachePerCpu per CPU.
-  const Index out = usable_cache_bytes(), cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
-  EXPECT_EQ(out, std::min(llc, cpus * kCachePerCpu));
-  EXPECT_TRUE(streams_past_cache(out + 1, out / 8 + 1));
-  EXPECT_FALSE(streams_past_cache(out, out / 2));
-  EXPECT_FALSE(streams_past_cache(4 * out, out / 8));
+  // Streaming stores and the tile loop's fetch-ahead: past the part of the last-level cache a call counts on, at most
+  // kCachePerCpu per CPU.
+  const Index usable = usable_cache_bytes(), cpus = std::max<Index>(1, Index(std::thread::hardware_concurrency()));
+  EXPECT_EQ(usable, std::min(llc, cpus * kCachePerCpu));
+  EXPECT_TRUE(streams_past_cache(usable + 1, usable / 8 + 1));
+  EXPECT_FALSE(streams_past_cache(usable, usable / 2));
+  EXPECT_FALSE(streams_past_cache(4 * usable, usable / 8));
 }
 
 TEST(ParallelFor, RunsEveryTaskOnceWithOneStatePerWorker) {

@@ -134,6 +134,30 @@ TYPED_TEST(LinearTest, SameResultForAnyThreadCountAndChunkedEqualsRecurrentExact
   }
 }
 
+// Non-causal rows are independent given the keys: a slice of the queries gives, bit for bit, the rows of the whole
+// call, wherever the slice starts in a chunk (offsets 1, 3 and 17 put each row at another place in its chunk) and
+// however many rows it has. Every map, and Efficient Attention.
+TYPED_TEST(LinearTest, AQuerysRowDoesNotDependOnTheRowsCalledWithIt) {
+  using S = TypeParam;
+  const Index n = 331, m = 97, d = 8;
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, d + 3, 3);
+  const PerformerFeatures<S> performer_map(d);
+  const auto check = [&](const char* name, const auto& call) {
+    const Matrix<S> full = call(q);
+    for (const Index s0 : {0, 1, 3, 17, 64})
+      for (const Index rows : {1, 13, 16, 211}) {
+        if (s0 + rows > n) continue;
+        EXPECT_TRUE(full.middleRows(s0, rows) == call(q.middleRows(s0, rows)))
+            << name << ": rows " << s0 << " to " << s0 + rows;
+      }
+  };
+  check("elu+1", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, EluPlusOne{})); });
+  check("relu", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, Relu{})); });
+  check("Taylor", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, Taylor{})); });
+  check("Performer", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, performer_map)); });
+  check("Efficient Attention", [&](const Matrix<S>& x) { return Matrix<S>(efficient_attention(x, k, v)); });
+}
+
 /// Efficient Attention's implied n x m weights, softmax_d(Q) softmax_n(K)^T, in double straight from SPEC.
 MatD efficient_weights(const MatD& q, const MatD& k) {
   MatD pq = q, pk = k;

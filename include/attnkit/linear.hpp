@@ -407,8 +407,12 @@ void chunk_output(const Map& map, const StridedView<S>& q, Index i0, Index rows,
   w.num.resize(rows, sh.dv_pad);
   small_gemm(w.phi.data(), sh.r_pad, rows, state.s.data(), sh.dv_pad, sh.r_pad, sh.dv_pad, w.num.data(), sh.dv_pad,
              false, &w.ahead);
+  // den = phi z one row at a time: Eigen's matrix-vector product blocks rows by 8, 4, 2 and 1, and with scalar
+  // packets and -ffp-contract=fast each block's loop was contracted differently, so a row's denominator (and so its
+  // output) changed in the last bits with its place in the chunk, i.e. with the rows it was called with.
   Vector<S>& den = w.den;
-  den.noalias() = w.phi * state.z;
+  den.resize(rows);
+  for (Index i = 0; i < rows; ++i) den[i] = w.phi.row(i).dot(state.z);
   if (with_chunk_keys) {
     const Index cols = w.psi_t.cols();
     w.scores.resize(rows, cols);

@@ -145,11 +145,9 @@ TYPED_TEST(LinearTest, AQuerysRowDoesNotDependOnTheRowsCalledWithIt) {
   const auto check = [&](const char* name, const auto& call) {
     const Matrix<S> full = call(q);
     for (const Index s0 : {0, 1, 3, 17, 64})
-      for (const Index rows : {1, 13, 16, 211}) {
-        if (s0 + rows > n) continue;
+      for (const Index rows : {1, 13, 16, 211})  // s0 + rows <= 275 < n
         EXPECT_TRUE(full.middleRows(s0, rows) == call(q.middleRows(s0, rows)))
             << name << ": rows " << s0 << " to " << s0 + rows;
-      }
   };
   check("elu+1", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, EluPlusOne{})); });
   check("relu", [&](const Matrix<S>& x) { return Matrix<S>(linear_attention(x, k, v, Relu{})); });

@@ -265,17 +265,26 @@ struct LinearScratch {
 template <class S>
 using CachedLinearScratch = CachedScratch<LinearScratch<S>>;  // kept per thread between calls
 
-/// Shapes shared by the passes of one call, and how it writes its output (streaming: past the caches).
+/// Shapes shared by the passes of one call, how it writes its output (streaming: past the caches), and where its
+/// Lookahead puts the next chunk's rows.
 struct LinearShape {
   Index d, dv, r, r_pad, dv_pad;
   bool stream_out = false;
+  Lookahead::Into fetch = Lookahead::Into::kL2;
 };
 
+/// The next chunk's rows go into L1 when the map has at most 2 d features, into L2 for wider maps. Measured on the
+/// Zen 4 machine of 2026-12-07 (bench/README), one thread: into L2 (prefetcht1), elu+1, relu, Taylor and Efficient
+/// Attention grew 16.3-17.6x from n = 4096 to 65536 in 4 KiB pages (16.2-16.3 in 2 MiB ones); into L1 (prefetcht0),
+/// 16.6-17.2, with the same times at 4096. Performer's r = 266 features at d = 64 fill L1 with the chunk's own rows:
+/// into L1 it took 1.02x the time at both sizes.
 template <class S, class Map>
 LinearShape linear_shape(const Map& map, Index d, Index dv) {
   using K = KernelShape<S>;
   const Index r = map.features(d);
-  return {d, dv, r, round_up(r, K::kPacket), round_up(dv, K::kPacket)};
+  LinearShape sh{d, dv, r, round_up(r, K::kPacket), round_up(dv, K::kPacket)};
+  sh.fetch = r <= 2 * d ? Lookahead::Into::kL1 : Lookahead::Into::kL2;
+  return sh;
 }
 
 /// Rows per call of a feature map, four micro-kernel strips: the Lookahead steps between calls (a map's rows are
@@ -298,8 +307,10 @@ Index chunk_steps(const LinearShape& sh, Index rows, bool keys, bool queries, bo
 
 /// Queues rows [r0, r0 + rows) of each view (the next chunk's) in w.ahead, paced over `steps`.
 template <class S>
-void look_ahead(LinearScratch<S>& w, std::initializer_list<StridedView<S>> views, Index r0, Index rows, Index steps) {
+void look_ahead(LinearScratch<S>& w, const LinearShape& sh, std::initializer_list<StridedView<S>> views, Index r0,
+                Index rows, Index steps) {
   w.ahead.clear();
+  w.ahead.target(sh.fetch);
   for (const StridedView<S>& x : views) w.ahead.add(x, r0, std::min(x.rows, r0 + rows));
   w.ahead.pace(steps);
 }
@@ -437,7 +448,7 @@ void causal_chunks(const Map& map, const StridedView<S>& q, const StridedView<S>
                    Index out_stride) {
   for (Index i0 = 0; i0 < q.rows; i0 += c) {
     const Index rows = std::min(c, q.rows - i0);
-    look_ahead(w, {q, k, v}, i0 + rows, c, chunk_steps<S>(sh, rows, true, true, true));
+    look_ahead(w, sh, {q, k, v}, i0 + rows, c, chunk_steps<S>(sh, rows, true, true, true));
     prepare_keys(map, k, v, i0, rows, sh, w);
     chunk_output(map, q, i0, rows, sh, state, true, c, eps, w, out + i0 * out_stride, out_stride);
     absorb_keys<Map>(sh, w, state);
@@ -488,7 +499,7 @@ void query_runs(const LinearShape& sh, const StridedView<S>& q, Index c, int thr
         const Index end = std::min(chunks, (g + 1) * run);
         for (Index t = g * run; t < end; ++t) {
           const Index rows = std::min(c, n - t * c);
-          look_ahead(w, {q}, t + 1 < end ? (t + 1) * c : n, c, chunk_steps<S>(sh, rows, false, true, false));
+          look_ahead(w, sh, {q}, t + 1 < end ? (t + 1) * c : n, c, chunk_steps<S>(sh, rows, false, true, false));
           body(t * c, rows, w);
         }
         if (sh.stream_out) stream_fence();
@@ -524,7 +535,7 @@ void linear_into(const char* where, const Map& map, const StridedView<S>& q, con
         const Index end = (p + 1) * chunks / parts;
         for (Index t = p * chunks / parts; t < end; ++t) {
           const Index rows = std::min(c, m - t * c);
-          look_ahead(w, {k, v}, t + 1 < end ? (t + 1) * c : m, c, chunk_steps<S>(sh, rows, true, false, false));
+          look_ahead(w, sh, {k, v}, t + 1 < end ? (t + 1) * c : m, c, chunk_steps<S>(sh, rows, true, false, false));
           prepare_keys(map, k, v, t * c, rows, sh, w);
           absorb_keys<Map>(sh, w, state);
         }
@@ -773,7 +784,8 @@ void efficient_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::MatrixBase
     detail::LinearScratch<S>& w = cached.get();
     for (Index j0 = 0; j0 < m; j0 += c) {
       const Index rows = std::min(c, m - j0);
-      detail::look_ahead(w, {kv.view(), vv.view()}, j0 + c, c, detail::chunk_steps<S>(sh, rows, true, false, false));
+      detail::look_ahead(w, sh, {kv.view(), vv.view()}, j0 + c, c,
+                         detail::chunk_steps<S>(sh, rows, true, false, false));
       detail::raise_column_max(kv.view(), j0, rows, col_max, shift, chunk_max, state);
       detail::prepare_keys(keys, kv.view(), vv.view(), j0, rows, sh, w);
       detail::absorb_keys<detail::ColumnExp<S>>(sh, w, state);

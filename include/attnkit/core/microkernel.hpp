@@ -134,16 +134,22 @@ inline void prefetch_row(const S* p, Index count) {
 #endif
 }
 
-/// Rows of matrices to bring into L2 a few cache lines at a time while other work runs: the next chunk's inputs while
-/// this chunk computes (linear attention's chunk loops). Rows read from beyond the caches stall the loop that first
-/// touches them, and prefetching a whole chunk in one burst stalls it too, as soon as the core's line-fill buffers are
-/// all busy; spread over the micro-kernel calls of the current chunk (tile_product calls step() before each), the
-/// next chunk's loads overlap this chunk's arithmetic. Only a hint: results never depend on it. Views whose rows are
-/// not contiguous are not prefetched. The fused tile loop uses it only for calls that stream past the caches
+/// Rows of matrices to bring into L2 (or L1) a few cache lines at a time while other work runs: the next chunk's inputs
+/// while this chunk computes (linear attention's chunk loops). Rows read from beyond the caches stall the loop that
+/// first touches them, and prefetching a whole chunk in one burst stalls it too, as soon as the core's line-fill
+/// buffers are all busy; spread over the micro-kernel calls of the current chunk (tile_product calls step() before
+/// each), the next chunk's loads overlap this chunk's arithmetic. Only a hint: results never depend on it. Views whose
+/// rows are not contiguous are not prefetched. The fused tile loop uses it only for calls that stream past the caches
 /// (streams_past_cache: the next key tile's keys and values, or the next query tile's new ones): for rows that are in
 /// the caches anyway it measured 2-6% slower.
 class Lookahead {
  public:
+  /// Where the lines go: L2 (prefetcht1, the default) or L1 (prefetcht0).
+  enum class Into { kL2, kL1 };
+
+  /// Where the lines of later add() calls go (kept by clear()).
+  void target(Into into) { into_ = into; }
+
   /// Forgets what is queued.
   void clear() { count_ = current_ = 0, total_lines_ = per_step_ = issued_ = 0; }
 
@@ -175,6 +181,19 @@ class Lookahead {
 
   /// Prefetches the next few queued cache lines.
   void step() {
+    if (into_ == Into::kL1)
+      step_into<3>();
+    else
+      step_into<2>();  // into L2 (and L3): the next tile is packed or read once from there
+  }
+
+ private:
+  static constexpr Index kLine = 64;
+  static constexpr int kMaxRanges = 4;
+
+  /// step() with prefetches of this locality (3: L1, 2: L2).
+  template <int kLocality>
+  void step_into() {
     for (Index left = per_step_; left > 0 && current_ < count_;) {
       Range& r = ranges_[current_];
       if (r.row == r.end) {
@@ -184,14 +203,14 @@ class Lookahead {
       const char* p = r.address(r.row);
       const char* first = align_down(p);
       const char* last = align_down(p + r.row_bytes - 1);
-      for (; first + r.offset <= last && left > 0; r.offset += kLine, --left, ++issued_) prefetch(first + r.offset);
+      for (; first + r.offset <= last && left > 0; r.offset += kLine, --left, ++issued_) {
+#if defined(__GNUC__)
+        __builtin_prefetch(first + r.offset, 0, kLocality);
+#endif
+      }
       if (first + r.offset > last) r.offset = 0, ++r.row;
     }
   }
-
- private:
-  static constexpr Index kLine = 64;
-  static constexpr int kMaxRanges = 4;
   struct Range {
     const char* data;
     Index row_stride, group_rows, group_stride, row_bytes, row, end, offset;
@@ -203,13 +222,7 @@ class Lookahead {
   static const char* align_down(const char* p) {
     return reinterpret_cast<const char*>(reinterpret_cast<std::uintptr_t>(p) & ~std::uintptr_t(kLine - 1));
   }
-  static void prefetch(const char* p) {
-#if defined(__GNUC__)
-    __builtin_prefetch(p, 0, 2);  // into L2 (and L3): the next chunk is packed or read once from there
-#else
-    (void)p;
-#endif
-  }
+  Into into_ = Into::kL2;
   Range ranges_[kMaxRanges] = {};
   int count_ = 0, current_ = 0;
   Index total_lines_ = 0, per_step_ = 0, issued_ = 0;

@@ -273,11 +273,12 @@ struct LinearShape {
   Lookahead::Into fetch = Lookahead::Into::kL2;
 };
 
-/// The next chunk's rows go into L1 when the map has at most 2 d features, into L2 for wider maps. Measured on the
-/// Zen 4 machine of 2026-12-07 (bench/README), one thread: into L2 (prefetcht1), elu+1, relu, Taylor and Efficient
-/// Attention grew 16.3-17.6x from n = 4096 to 65536 in 4 KiB pages (16.2-16.3 in 2 MiB ones); into L1 (prefetcht0),
-/// 16.6-17.2, with the same times at 4096. Performer's r = 266 features at d = 64 fill L1 with the chunk's own rows:
-/// into L1 it took 1.02x the time at both sizes.
+/// The next chunk's rows go into L1 when the map has at most 2 d features, into L2 (as before) for wider maps.
+/// Measured on the Zen 4 machine of 2026-12-07 (bench/README), one thread, 4 KiB pages: into L1 (prefetcht0), elu+1,
+/// relu, Taylor and Efficient Attention grew 16.3-17.3x from n = 4096 to 65536, against 16.3-17.7 into L2
+/// (prefetcht1), with the same times at 4096 (in 2 MiB pages 16.2-16.4 either way). A wider map's chunk of features
+/// (Performer: 266 a row at d = 64, 68 KiB a chunk) leaves L1 no room for the next chunk's rows; Performer grew
+/// 16.0-16.6 into L2 and stays there.
 template <class S, class Map>
 LinearShape linear_shape(const Map& map, Index d, Index dv) {
   using K = KernelShape<S>;

@@ -203,11 +203,8 @@ class Lookahead {
       const char* p = r.address(r.row);
       const char* first = align_down(p);
       const char* last = align_down(p + r.row_bytes - 1);
-      for (; first + r.offset <= last && left > 0; r.offset += kLine, --left, ++issued_) {
-#if defined(__GNUC__)
-        __builtin_prefetch(first + r.offset, 0, kLocality);
-#endif
-      }
+      for (; first + r.offset <= last && left > 0; r.offset += kLine, --left, ++issued_)
+        prefetch_row<kLocality>(first + r.offset, 1);  // one line
       if (first + r.offset > last) r.offset = 0, ++r.row;
     }
   }

@@ -147,7 +147,7 @@ class Lookahead {
   /// Where the lines go: L2 (prefetcht1, the default) or L1 (prefetcht0).
   enum class Into { kL2, kL1 };
 
-  /// Where the lines of later add() calls go (kept by clear()).
+  /// Where step() puts the queued lines (kept by clear()).
   void target(Into into) { into_ = into; }
 
   /// Forgets what is queued.

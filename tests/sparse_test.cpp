@@ -573,8 +573,8 @@ TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
 }
 
 // Value rows k rows apart, a multiple of 1 KiB, fall in a few sets of the L1 cache: the lanes then copy a lane's rows
-// side by side when four or more groups of its queries read them (ResidueLanes::copies_values). Rates P and 2 P with a
-// d_v that makes them alias (a scalar tail where the packet allows one), classes of 20 queries, and the options that
+// side by side when eight or more groups of its queries read them (ResidueLanes::copies_values). Rates P and 2 P with a
+// d_v that makes them alias (a scalar tail where the packet allows one), classes of 36 queries, and the options that
 // trim the keys a group weighs (causal, windows, key padding, ALiBi), against the oracle and the masked dense kernel.
 TYPED_TEST(SparseTest, AliasingValueRowsOfLanesAreCopiedAndMatchTheOracle) {
   using S = TypeParam;
@@ -582,7 +582,7 @@ TYPED_TEST(SparseTest, AliasingValueRowsOfLanesAreCopiedAndMatchTheOracle) {
   unsigned seed = 900;
   for (const Index k : {P, 2 * P}) {
     const Index unit = 1024 / std::gcd<Index>(1024, k * Index(sizeof(S)));  // d_v a multiple of it: rows alias
-    const Index dv = unit * ((65 + unit - 1) / unit), n = 20 * k;
+    const Index dv = unit * ((65 + unit - 1) / unit), n = 36 * k;
     const std::vector<Case> patterns = {
         {"atrous", SparsePattern::atrous(k), spec_atrous(k)},
         {"atrous_window", SparsePattern::atrous(k, 6 * k + 1), spec_atrous(k, 6 * k + 1)},

@@ -685,7 +685,9 @@ class ResidueLanes {
   /// Whether a lane's value rows, k rows of row_stride scalars apart, are copied next to each other for queries
   /// enough to read them several times (run): rows a multiple of 1 KiB apart fall in a few sets of the L1 cache (4
   /// for k = 128 and d = 64), which cannot hold them from one group of queries to the next. atrous(128), one thread,
-  /// paired: 0.95-0.97x the time at n = 2048 and 4096, 0.93x at 8192.
+  /// paired: 0.95-0.97x the time at n = 2048 and 4096, 0.93x at 8192. Since lane_block and weighted_rows keep their
+  /// packets in registers, a lane of 16 queries (n = 2048) no longer repays the copy: 1.04x the time copied, so runs
+  /// copy for more than 7 groups of queries (n = 4096: 32 queries, as fast either way; 8192: copied).
   static bool copies_values(Index k, Index row_stride) { return rows_alias_in_l1(k * row_stride * Index(sizeof(S))); }
 
   /// Heap bytes of one worker's Workspace for an n x m problem at rate k.
@@ -858,8 +860,8 @@ class ResidueLanes {
         const Index r_last = std::clamp<Index>(a_hi[l] + 1 - a0, r_first, block);
         if (r_first >= r_last) continue;
         // The lane's value rows that its groups weigh, copied next to each other when they alias in L1
-        // (copies_values) and four or more groups of queries read them.
-        const bool copy = compact_values && r_last - r_first > 3 * kGroup;
+        // (copies_values) and eight or more groups of queries read them.
+        const bool copy = compact_values && r_last - r_first > 7 * kGroup;
         Index used_lo = key_count, used_hi = 0;
         for (Index r0 = r_first - r_first % kGroup; copy && r0 < r_last; r0 += kGroup) {
           const Index hi = std::min(group_lo[r0] + group_width[r0], lane_keys[l]);

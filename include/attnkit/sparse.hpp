@@ -686,8 +686,8 @@ class ResidueLanes {
   /// enough to read them several times (run): rows a multiple of 1 KiB apart fall in a few sets of the L1 cache (4
   /// for k = 128 and d = 64), which cannot hold them from one group of queries to the next. atrous(128), one thread,
   /// paired: 0.95-0.97x the time at n = 2048 and 4096, 0.93x at 8192. Since lane_block and weighted_rows keep their
-  /// packets in registers, a lane of 16 queries (n = 2048) no longer repays the copy: 1.04x the time copied, so runs
-  /// copy for more than 7 groups of queries (n = 4096: 32 queries, as fast either way; 8192: copied).
+  /// packets in registers, a lane of 16 queries (n = 2048) no longer repays the copy (1.04x the time copied): run
+  /// copies for more than 7 groups of queries (n = 4096: 32 queries, as fast either way; 8192: copied).
   static bool copies_values(Index k, Index row_stride) { return rows_alias_in_l1(k * row_stride * Index(sizeof(S))); }
 
   /// Heap bytes of one worker's Workspace for an n x m problem at rate k.

@@ -156,6 +156,44 @@ TYPED_TEST(LinearTest, AQuerysRowDoesNotDependOnTheRowsCalledWithIt) {
   check("Efficient Attention", [&](const Matrix<S>& x) { return Matrix<S>(efficient_attention(x, k, v)); });
 }
 
+// The inputs are read through strided views: column-major matrices (a stride between a row's elements) and blocks of
+// wider matrices (a stride between rows) give, bit for bit, the row-major result. Every map and Efficient Attention,
+// causal and not, with chunks short of a packet, of whole packets and wider than one product panel.
+TYPED_TEST(LinearTest, ColumnMajorAndBlockInputsGiveTheRowMajorResult) {
+  using S = TypeParam;
+  using ColMajor = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Index n = 131, d = 8, dv = 5;
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(n, d, 2), v = random_matrix<S>(n, dv, 3);
+  const ColMajor qc = q, kc = k, vc = v;
+  Matrix<S> wide = random_matrix<S>(n, 3 * d + dv + 2, 4);
+  wide.middleCols(1, d) = q, wide.middleCols(d + 2, d) = k, wide.middleCols(2 * d + 3, dv) = v;
+  const auto qb = wide.middleCols(1, d), kb = wide.middleCols(d + 2, d), vb = wide.middleCols(2 * d + 3, dv);
+  const PerformerFeatures<S> performer_map(d);
+  const auto check = [&](const char* name, const auto& map) {
+    for (const bool causal : {false, true})
+      for (const Index chunk : {3, 16, 0, 100}) {
+        LinearOptions o;
+        o.causal = causal, o.chunk = chunk;
+        const Matrix<S> expected = linear_attention(q, k, v, map, o);
+        EXPECT_TRUE(linear_attention(qc, kc, vc, map, o) == expected) << name << " column-major, causal " << causal
+                                                                      << ", chunk " << chunk;
+        EXPECT_TRUE(linear_attention(qb, kb, vb, map, o) == expected) << name << " blocks, causal " << causal
+                                                                      << ", chunk " << chunk;
+      }
+  };
+  check("elu+1", EluPlusOne{});
+  check("relu", Relu{});
+  check("Taylor", Taylor{});
+  check("Performer", performer_map);
+  for (const Index chunk : {3, 0, 100}) {
+    LinearOptions o;
+    o.chunk = chunk;
+    const Matrix<S> expected = efficient_attention(q, k, v, o);
+    EXPECT_TRUE(efficient_attention(qc, kc, vc, o) == expected) << "Efficient Attention column-major, chunk " << chunk;
+    EXPECT_TRUE(efficient_attention(qb, kb, vb, o) == expected) << "Efficient Attention blocks, chunk " << chunk;
+  }
+}
+
 /// Efficient Attention's implied n x m weights, softmax_d(Q) softmax_n(K)^T, in double straight from SPEC.
 MatD efficient_weights(const MatD& q, const MatD& k) {
   MatD pq = q, pk = k;

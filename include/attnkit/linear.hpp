@@ -210,10 +210,7 @@ namespace detail {
 /// Rows [r0, r0 + rows) of x packed contiguously (row stride x.cols).
 template <class S>
 void pack_input_rows(const StridedView<S>& x, Index r0, Index rows, S* dst) {
-  for (Index i = 0; i < rows; ++i) {
-    const S* src = x.row(r0 + i);
-    for (Index c = 0; c < x.cols; ++c) dst[i * x.cols + c] = src[c * x.col_stride];
-  }
+  for (Index i = 0; i < rows; ++i) x.copy_row(r0 + i, dst + i * x.cols);
 }
 
 /// C (rows x cols) = [C +] A (rows x depth, row stride lda) B (depth x cols, row stride ldb), cols a multiple of the
@@ -336,12 +333,21 @@ template <class S, class Map>
 void prepare_keys(const Map& map, const StridedView<S>& k, const StridedView<S>& v, Index j0, Index rows,
                   const LinearShape& sh, LinearScratch<S>& w) {
   chunk_features(map, k, j0, rows, FeatureRole::kKey, sh, w.x, w.psi, &w.ahead);
-  w.psi_t = Matrix<S>::Zero(sh.r_pad, round_up(rows, KernelShape<S>::kPacket));
-  w.psi_t.leftCols(rows) = w.psi.transpose();
-  w.values = Matrix<S>::Zero(rows, sh.dv_pad);
+  const Index cols = round_up(rows, KernelShape<S>::kPacket);
+  if (cols <= KernelShape<S>::kCols) {
+    // One panel of pack_transposed is psi^T row-major, its rows cols apart: in-register transposes, where Eigen's
+    // transpose moved two scalars at a time.
+    w.psi_t.resize(sh.r_pad, cols);
+    pack_transposed(StridedView<S>{w.psi.data(), rows, sh.r_pad, sh.r_pad, 1}, 0, rows, cols, w.psi_t.data());
+  } else {
+    w.psi_t = Matrix<S>::Zero(sh.r_pad, cols);
+    w.psi_t.leftCols(rows) = w.psi.transpose();
+  }
+  w.values.resize(rows, sh.dv_pad);
   for (Index i = 0; i < rows; ++i) {
-    const S* src = v.row(j0 + i);
-    for (Index c = 0; c < sh.dv; ++c) w.values(i, c) = src[c * v.col_stride];
+    S* dst = w.values.data() + i * sh.dv_pad;
+    v.copy_row(j0 + i, dst);
+    std::fill(dst + sh.dv, dst + sh.dv_pad, S(0));
   }
 }
 

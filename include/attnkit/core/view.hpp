@@ -27,6 +27,16 @@ struct StridedView {
                           : data + i * row_stride;
   }
   bool row_contiguous() const { return col_stride == 1; }
+  /// Copies row i (cols scalars) to dst: one block copy when the row is contiguous (a loop over a runtime stride is
+  /// not vectorised).
+  void copy_row(Index i, S* dst) const {
+    const S* src = row(i);
+    if (col_stride == 1) {
+      for (Index c = 0; c < cols; ++c) dst[c] = src[c];
+    } else {
+      for (Index c = 0; c < cols; ++c) dst[c] = src[c * col_stride];
+    }
+  }
 };
 
 /// A whole row-major matrix as a view.

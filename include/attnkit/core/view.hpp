@@ -27,8 +27,8 @@ struct StridedView {
                           : data + i * row_stride;
   }
   bool row_contiguous() const { return col_stride == 1; }
-  /// Copies row i (cols scalars) to dst: one block copy when the row is contiguous (a loop over a runtime stride is
-  /// not vectorised).
+  /// Copies row i (cols scalars) to dst; a contiguous row by a loop of its own, which the compiler vectorises without
+  /// having to test the stride.
   void copy_row(Index i, S* dst) const {
     const S* src = row(i);
     if (col_stride == 1) {

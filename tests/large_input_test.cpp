@@ -153,7 +153,9 @@ TEST(WorkspaceBound, EverySparsePatternAndLinearForm) {
     for (const SparsePattern& p :
          {SparsePattern::local(17), SparsePattern::atrous(7), SparsePattern::local_atrous(9),
           SparsePattern::strided(55), SparsePattern::fixed(64, 3), SparsePattern::block(layout, 64),
-          SparsePattern::atrous(64), SparsePattern::local_atrous(100)}) {  // the last two: short classes, as lanes
+          SparsePattern::atrous(64), SparsePattern::local_atrous(100),  // short classes, as lanes
+          // classes of 16 (4) queries: class by class with 16-lane (4-lane) packets, when not causal
+          SparsePattern::atrous(200), SparsePattern::atrous(751)}) {
       const int64_t heap =
           measured_heap([&] { sparse_attention(q, k, v, out, p, o); }, [&] { sparse_attention(q, k, v, out, p, o); });
       EXPECT_LE(heap, sparse_attention_workspace_bytes<float>(n, n, d, dv, p, o) + kSlack)

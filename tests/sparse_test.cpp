@@ -572,6 +572,62 @@ TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
   }
 }
 
+// Residue classes that fill most of a packet run one class at a time, its queries in the lanes
+// (ResidueLanes::by_class): rates from the packet size up, classes of P queries (n a multiple of the rate or a row
+// short of one) and of 3P/4 + 1, n != m both ways, every option the lanes keep and the terms they continue, with a
+// d_v of a packet and a scalar tail. Each against the double oracle and the dense kernel with the mask; with vector
+// packets the test also asserts that such classes qualify (by_class; the run itself also needs 3/4 of the pairs
+// kept, so causal ones stay in lanes). Then any thread count, bit for bit.
+TYPED_TEST(SparseTest, FullResidueClassesRunClassByClassAndMatchTheOracle) {
+  using S = TypeParam;
+  constexpr Index P = detail::KernelShape<S>::kPacket;
+  unsigned seed = 1300;
+  for (const Index r : {P, P + 3, 2 * P + 5}) {
+    const std::vector<Case> patterns = {
+        {"atrous", SparsePattern::atrous(r), spec_atrous(r)},
+        {"atrous_window", SparsePattern::atrous(r, 2 * r + 1), spec_atrous(r, 2 * r + 1)},
+        {"local_atrous", SparsePattern::local_atrous(r), spec_local_atrous(r)},
+        {"strided", SparsePattern::strided(r), spec_strided(r)},
+        {"local3_or_atrous", SparsePattern::local(3) | SparsePattern::atrous(r),
+         spec_union(spec_local(3), spec_atrous(r))},
+        {"atrous_or_atrous", SparsePattern::atrous(r) | SparsePattern::atrous(r + 2),
+         spec_union(spec_atrous(r), spec_atrous(r + 2))},
+    };
+    for (const Index n : {P * r, std::max<Index>(1, P * r - 1), (3 * P / 4 + 1) * r}) {
+      for (const Index m : {n, n + r / 2 + 1, std::max<Index>(1, n - r)}) {
+        std::vector<AttentionOptions> options(9);
+        options[1].causal = true;
+        options[2].causal = true, options[2].align = CausalAlign::kTopLeft;
+        options[3].key_length = m - m / 3;
+        options[4].alibi_slope = 0.25, options[4].causal = true;
+        options[5].log_n_scale = true;
+        options[6].window_left = 2 * r + 1, options[6].align = CausalAlign::kTopLeft;
+        options[7].window_right = r, options[7].threads = 2;
+        options[8].alibi_slope = 0.25;  // (options 1, 2, 4, 6 and 7 keep under 3/4 of the pairs: lanes)
+        for (const AttentionOptions& o : options) {
+          for (const Case& c : patterns) {
+            expect_matches<S>(c, n, m, 9, P + 3, o, seed += 3);
+            if (P > 1) {
+              const detail::SparseProblem<S> problem("test", c.pattern, n, m, o);
+              EXPECT_TRUE(detail::ResidueLanes<S>::applies(problem, Index(problem.gathered.size()) - 1, o))
+                  << c.name << " r=" << r << " n=" << n << " m=" << m;
+              if (m == n || o.align == CausalAlign::kTopLeft) {  // query positions 0 .. n - 1: ceil(n / r) a class
+                EXPECT_TRUE(detail::ResidueLanes<S>::by_class((n + r - 1) / r)) << "r=" << r << " n=" << n;
+              }
+            }
+          }
+        }
+        const Matrix<S> q = random_matrix<S>(n, 9, 1), k = random_matrix<S>(m, 9, 2), v = random_matrix<S>(m, P + 3, 3);
+        for (const Case& c : patterns) {
+          AttentionOptions one, two;
+          one.threads = 1, two.threads = 2;
+          EXPECT_TRUE(sparse_attention(q, k, v, c.pattern, one) == sparse_attention(q, k, v, c.pattern, two)) << c.name;
+        }
+      }
+    }
+  }
+}
+
 // Value rows k rows apart, a multiple of 1 KiB, fall in a few sets of the L1 cache: the lanes then copy a lane's rows
 // side by side when eight or more groups of its queries read them (ResidueLanes::copies_values). Rates P and 2 P with a
 // d_v that makes them alias (a scalar tail where the packet allows one), classes of 36 queries, and the options that
@@ -611,35 +667,40 @@ TYPED_TEST(SparseTest, AliasingValueRowsOfLanesAreCopiedAndMatchTheOracle) {
 TYPED_TEST(SparseTest, ResidueLanesLeaveNaNOnlyWhereItIsSeen) {
   using S = TypeParam;
   constexpr Index P = detail::KernelShape<S>::kPacket;
-  const Index n = 150, r = 2 * P + 1, poisoned_row = 86;
-  const Matrix<S> q = random_matrix<S>(n, 8, 1), k = random_matrix<S>(n, 8, 2), v = random_matrix<S>(n, 8, 3);
+  const Index r = 2 * P + 1;
   AttentionOptions causal;
   causal.causal = true;
-  for (const auto& [p, o] : {std::pair<SparsePattern, AttentionOptions>{SparsePattern::strided(r), {}},
-                             {SparsePattern::atrous(r), causal},
-                             {SparsePattern::local_atrous(r), {}}}) {
-    const Matrix<S> clean = sparse_attention(q, k, v, p, o);
-    const BoolMatrix sees = p.mask(n, n, o);
-    for (const int which : {0, 1, 2}) {
-      SCOPED_TRACE(std::string(which == 0   ? "q"
-                               : which == 1 ? "k"
-                                            : "v") +
-                   " poisoned, " + std::to_string(p.terms().size()) + " terms" + (o.causal ? ", causal" : ""));
-      Matrix<S> qp = q, kp = k, vp = v;
-      (which == 0   ? qp
-       : which == 1 ? kp
-                    : vp)
-          .row(poisoned_row)
-          .setConstant(which == 2 ? std::numeric_limits<S>::infinity() : std::numeric_limits<S>::quiet_NaN());
-      const Matrix<S> out = sparse_attention(qp, kp, vp, p, o);
-      for (Index i = 0; i < n; ++i) {
-        const bool reached = which == 0 ? i == poisoned_row : sees(i, poisoned_row);
-        if (reached) {
-          EXPECT_FALSE(out.row(i).allFinite()) << "row " << i;
-        } else {
-          EXPECT_TRUE(out.row(i).allFinite()) << "row " << i;
-          EXPECT_TRUE(all_close(out.row(i), clean.row(i).template cast<double>(), attention_tolerance<S>(n) * 4))
-              << "row " << i;
+  // Classes of 150 / r queries run in lanes; of P queries (n = P r), class by class.
+  for (const Index n : {Index(150), P * r}) {
+    const Index poisoned_row = n == 150 ? 86 : n / 2 + 1;
+    SCOPED_TRACE("n=" + std::to_string(n));
+    const Matrix<S> q = random_matrix<S>(n, 8, 1), k = random_matrix<S>(n, 8, 2), v = random_matrix<S>(n, 8, 3);
+    for (const auto& [p, o] : {std::pair<SparsePattern, AttentionOptions>{SparsePattern::strided(r), {}},
+                               {SparsePattern::atrous(r), causal},
+                               {SparsePattern::local_atrous(r), {}}}) {
+      const Matrix<S> clean = sparse_attention(q, k, v, p, o);
+      const BoolMatrix sees = p.mask(n, n, o);
+      for (const int which : {0, 1, 2}) {
+        SCOPED_TRACE(std::string(which == 0   ? "q"
+                                 : which == 1 ? "k"
+                                              : "v") +
+                     " poisoned, " + std::to_string(p.terms().size()) + " terms" + (o.causal ? ", causal" : ""));
+        Matrix<S> qp = q, kp = k, vp = v;
+        (which == 0   ? qp
+         : which == 1 ? kp
+                      : vp)
+            .row(poisoned_row)
+            .setConstant(which == 2 ? std::numeric_limits<S>::infinity() : std::numeric_limits<S>::quiet_NaN());
+        const Matrix<S> out = sparse_attention(qp, kp, vp, p, o);
+        for (Index i = 0; i < n; ++i) {
+          const bool reached = which == 0 ? i == poisoned_row : sees(i, poisoned_row);
+          if (reached) {
+            EXPECT_FALSE(out.row(i).allFinite()) << "row " << i;
+          } else {
+            EXPECT_TRUE(out.row(i).allFinite()) << "row " << i;
+            EXPECT_TRUE(all_close(out.row(i), clean.row(i).template cast<double>(), attention_tolerance<S>(n) * 4))
+                << "row " << i;
+          }
         }
       }
     }

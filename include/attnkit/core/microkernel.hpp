@@ -567,6 +567,107 @@ void lane_product(const S* a, Index lda, const S* b, Index ldb, Index depth, S* 
                        ldb, depth, c + (r * ldc + x) * P, ldc);
 }
 
+/// Products with P problems' rows in the lanes of b and the other side's rows broadcast (sparse attention's residue
+/// classes one at a time: the class's queries in the lanes, its keys in their own rows): for r < rows and the packet
+/// dst + r P,
+///   dst[r] = sum_t keys[r][t] .* b[t]   (b[t] the packet at b + t P, keys[r][t] broadcast to every lane)
+/// Four rows at a time: their lines then take at most four ways of an L1 set even when the rows are a multiple of
+/// 4 KiB apart, as a residue class's are (sixteen such rows at once thrashed it: 1.3x the time).
+template <class S, int R>
+void broadcast_rows(const S* const* keys, const S* b, Index depth, S* dst) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  constexpr int T = 4;  // independent sums per row, against the FMA latency: 16 accumulators of 32 registers
+#else
+  constexpr int T = 2;                        // 8 of 16
+#endif
+  Packet acc[R][T];
+  ATTNKIT_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNKIT_UNROLL
+    for (int u = 0; u < T; ++u) acc[r][u] = pset1<Packet>(S(0));
+  }
+  Index t = 0;
+  for (; t + T <= depth; t += T) {
+    ATTNKIT_UNROLL
+    for (int u = 0; u < T; ++u) {
+      const Packet x = ploadu<Packet>(b + (t + u) * P);
+      ATTNKIT_UNROLL
+      for (int r = 0; r < R; ++r) acc[r][u] = madd(pset1<Packet>(keys[r][t + u]), x, acc[r][u]);
+    }
+  }
+  for (; t < depth; ++t) {
+    const Packet x = ploadu<Packet>(b + t * P);
+    ATTNKIT_UNROLL
+    for (int r = 0; r < R; ++r) acc[r][0] = madd(pset1<Packet>(keys[r][t]), x, acc[r][0]);
+  }
+  ATTNKIT_UNROLL
+  for (int r = 0; r < R; ++r) {
+    Packet sum = acc[r][0];
+    ATTNKIT_UNROLL
+    for (int u = 1; u < T; ++u) sum = padd(sum, acc[r][u]);
+    pstoreu(dst + r * P, sum);
+  }
+}
+
+/// broadcast_rows over any number of rows.
+template <class S>
+void broadcast_product(const S* const* keys, Index rows, const S* b, Index depth, S* dst) {
+  constexpr Index P = KernelShape<S>::kPacket;
+  Index r = 0;
+  for (; r + 4 <= rows; r += 4) broadcast_rows<S, 4>(keys + r, b, depth, dst + r * P);
+  switch (rows - r) {
+    case 3:
+      return broadcast_rows<S, 3>(keys + r, b, depth, dst + r * P);
+    case 2:
+      return broadcast_rows<S, 2>(keys + r, b, depth, dst + r * P);
+    case 1:
+      return broadcast_rows<S, 1>(keys + r, b, depth, dst + r * P);
+    default:
+      return;
+  }
+}
+
+/// Weighted sums with the weights in lanes (the other half of broadcast_product): for the lanes x in [first, last),
+///   row c_x = scale[x] * (beta[x] * c_x + sum_t w[t P + x] b_t)   (beta == nullptr: c_x is not read)
+/// with b_t the row at b + t ldb and c_x the row at c + x ldc, `cols` wide. One packet of columns of all P lanes at a
+/// time (P accumulators), so each line of b is loaded once, wherever its rows lie. Every weight multiplies its row of
+/// b: the caller keeps NaN and Inf out of b's rows where a weight is 0.
+template <class S>
+void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index ldc, Index first, Index last,
+                    const S* beta, const S* scale, Index cols) {
+  using namespace Eigen::internal;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr int P = KernelShape<S>::kPacket;
+  Index col = 0;
+  for (; col + P <= cols; col += P) {
+    Packet acc[P];
+    ATTNKIT_UNROLL
+    for (int x = 0; x < P; ++x) acc[x] = pset1<Packet>(S(0));
+    for (Index t = 0; t < depth; ++t) {
+      const Packet bt = ploadu<Packet>(b + t * ldb + col);
+      ATTNKIT_UNROLL
+      for (int x = 0; x < P; ++x) acc[x] = madd(pset1<Packet>(w[t * P + x]), bt, acc[x]);
+    }
+    ATTNKIT_UNROLL
+    for (int x = 0; x < P; ++x) {
+      if (x < first || x >= last) continue;
+      S* row = c + x * ldc + col;
+      const Packet sum = beta ? madd(pset1<Packet>(beta[x]), ploadu<Packet>(row), acc[x]) : acc[x];
+      pstoreu(row, pmul(pset1<Packet>(scale[x]), sum));
+    }
+  }
+  for (Index x = first; x < last; ++x)
+    for (Index k = col; k < cols; ++k) {
+      S sum = S(0);
+      for (Index t = 0; t < depth; ++t) sum += w[t * P + x] * b[t * ldb + k];
+      S* at = c + x * ldc + k;
+      *at = scale[x] * (beta ? beta[x] * *at + sum : sum);
+    }
+}
+
 /// Packs kPacket rows into lanes: the packet at dst + t * step holds column t (t < cols) of the rows, lane l from
 /// rows[l] (zeros for a null row), times lane l of `scale`. Whole blocks of P columns go through the in-register
 /// transpose. Rows are contiguous. Returns whether every value packed is finite: 0 * x is +-0 for finite x and NaN

@@ -216,11 +216,11 @@ S online_softmax_step(S* logits, Index count, SoftmaxState<S>& state) {
 /// logits holds count packets, the P rows' logits for one key each (masked ones -inf), and becomes exp(s - M); the
 /// earlier part, log-sum-exp in lse (-inf for none), weighs exp(lse - M), stored in `earlier`; `inverse` gets 1 / the
 /// sum of all those weights (0 for a row with none), by which the caller scales its weighted sum, and lse becomes the
-/// whole row's log-sum-exp. M is the row's largest logit (or 0 when it has none, so that exp(-inf - M) is exactly 0).
-/// Every operation is lane by lane, so no row sees another. The caller keeps NaN and Inf out of the logits (a lane's
-/// max would drop NaN).
+/// whole row's log-sum-exp (unless keep_lse is false: a caller that reads no log-sum-exp saves the logarithm). M is
+/// the row's largest logit (or 0 when it has none, so that exp(-inf - M) is exactly 0). Every operation is lane by
+/// lane, so no row sees another. The caller keeps NaN and Inf out of the logits (a lane's max would drop NaN).
 template <class S>
-void softmax_lanes(S* logits, Index count, S* lse, S* earlier, S* inverse) {
+void softmax_lanes(S* logits, Index count, S* lse, S* earlier, S* inverse, bool keep_lse = true) {
   using namespace Eigen::internal;
   using Packet = typename packet_traits<S>::type;
   constexpr Index P = packet_traits<S>::size;
@@ -238,6 +238,7 @@ void softmax_lanes(S* logits, Index count, S* lse, S* earlier, S* inverse) {
   const Packet some = pcmp_lt(pset1<Packet>(S(0)), total);
   pstoreu(earlier, old);
   pstoreu(inverse, pand(pdiv(pset1<Packet>(S(1)), total), some));
+  if (!keep_lse) return;
   // log(total) only where there is a total: -inf elsewhere, whatever plog makes of 0.
   pstoreu(lse, pselect(some, padd(shift, plog(pselect(some, total, pset1<Packet>(S(1))))), none));
 }

@@ -924,9 +924,10 @@ class ResidueLanes {
       const Index row0 = c0 + j * k;
       if (!all_finite(v_.row(row0), std::clamp<Index>(key_bound_ - row0, 0, lanes), dv, v_.row_stride)) return false;
     }
-    // Every class's queries packed (and checked), then every class's logits (a NaN or Inf in a key row makes its
-    // logits NaN or Inf in every lane, zero lanes included), all before any row is written: lane x of class l is
-    // position a_first + x, query row c0 + l + (a_first + x) k - offset.
+    // Every class's queries packed, then every class's logits checked, before any row is written: a NaN or Inf in a
+    // key row makes its logits NaN or Inf in every lane (zero lanes included), one in a query row its lane's (a query
+    // with no key meets none, here or in the general calls). Lane x of class l is position a_first + x, query row
+    // c0 + l + (a_first + x) k - offset.
     const Index ldq = dk * P, ldl = std::max<Index>(key_count, 1) * P;
     grow(ws.qt, lanes * ldq);
     grow(ws.logits, lanes * ldl);
@@ -935,13 +936,12 @@ class ResidueLanes {
     const S* rows[P];
     S scales[P];
     for (Index l = 0; l < lanes; ++l) {
-      for (Index x = 0; x < P; ++x) {
-        const Index i = c0 + l + (a_first + x) * k - offset_;
+      for (Index x = 0, i = c0 + l + a_first * k - offset_; x < P; ++x, i += k) {
         const bool real = i >= 0 && i < p_.n;
         rows[x] = real ? q_.row(i) : nullptr;
         scales[x] = real && p_.row_scales ? p_.row_scales[i] : scale_;
       }
-      if (!pack_lanes<S>(rows, dk, ws.qt.data() + l * ldq, P, ploadu<Packet>(scales))) return false;
+      pack_lanes<S, false>(rows, dk, ws.qt.data() + l * ldq, P, ploadu<Packet>(scales));
     }
     // Class l's keys: [0, width(l)).
     const auto width_of = [&](Index l) {
@@ -978,7 +978,9 @@ class ResidueLanes {
         for (Index j = 0; j < width; ++j)  // lane x: A - B = a_first + x - j
           pstoreu(at + j * P, padd(ploadu<Packet>(at + j * P), ploadu<Packet>(add.data() + (a_first - j - d0))));
       const Index i0 = c + a_first * k - offset_;  // lane x's row: i0 + x k
-      for (Index x = 0; x < P; ++x) lse[x] = continues_ && x >= first && x < last ? lse_[i0 + x * k] : kNegInf;
+      pstoreu(lse, pset1<Packet>(kNegInf));
+      if (continues_)
+        for (Index x = first; x < last; ++x) lse[x] = lse_[i0 + x * k];
       softmax_lanes(at, width, lse, earlier, inverse, lse_ && keeps_lse_);
       if (lse_ && keeps_lse_)
         for (Index x = first; x < last; ++x) lse_[i0 + x * k] = lse[x];

@@ -672,8 +672,9 @@ void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index 
 /// rows[l] (zeros for a null row), times lane l of `scale`. Whole blocks of P columns go through the in-register
 /// transpose. Rows are contiguous. Returns whether every value packed is finite: 0 * x is +-0 for finite x and NaN
 /// for NaN and Inf, and the bits of those products are or-ed (one multiply and a one-cycle or a packet, where a
-/// separate pass over the rows cost a sixth of atrous(128) at n = 1024).
-template <class S>
+/// separate pass over the rows cost a sixth of atrous(128) at n = 1024). Without kCheck it returns true: for a caller
+/// whose products show NaN and Inf anyway.
+template <class S, bool kCheck = true>
 bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const typename KernelShape<S>::Packet& scale) {
   using namespace Eigen::internal;
   using Packet = typename KernelShape<S>::Packet;
@@ -686,7 +687,7 @@ bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const type
     for (Index l = 0; l < P; ++l) block.packet[l] = rows[l] ? ploadu<Packet>(rows[l] + t) : zero;
     transpose_block(block);
     for (Index x = 0; x < P; ++x) {
-      check = por(check, pmul(block.packet[x], zero));
+      if constexpr (kCheck) check = por(check, pmul(block.packet[x], zero));
       pstoreu(dst + (t + x) * step, pmul(block.packet[x], scale));
     }
   }
@@ -694,7 +695,7 @@ bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const type
   for (Index t = blocked; t < cols; ++t) {
     for (Index l = 0; l < P; ++l) column[l] = rows[l] ? rows[l][t] : S(0);
     const Packet x = ploadu<Packet>(column);
-    check = por(check, pmul(x, zero));
+    if constexpr (kCheck) check = por(check, pmul(x, zero));
     pstoreu(dst + t * step, pmul(x, scale));
   }
   S lanes[P];

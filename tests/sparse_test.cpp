@@ -522,110 +522,85 @@ TYPED_TEST(SparseTest, FixedSegmentsLeaveTheirClosingColumnsToTheColumnsCall) {
     }
 }
 
+// The residue lanes' patterns at rate r: residue terms alone, windowed, and after the terms they continue (a band,
+// another residue class).
+std::vector<Case> residue_cases(Index r) {
+  return {
+      {"atrous", SparsePattern::atrous(r), spec_atrous(r)},
+      {"atrous_window", SparsePattern::atrous(r, 2 * r + 1), spec_atrous(r, 2 * r + 1)},
+      {"local_atrous", SparsePattern::local_atrous(r), spec_local_atrous(r)},
+      {"strided", SparsePattern::strided(r), spec_strided(r)},
+      {"local3_or_atrous", SparsePattern::local(3) | SparsePattern::atrous(r),
+       spec_union(spec_local(3), spec_atrous(r))},
+      {"atrous_or_atrous", SparsePattern::atrous(r) | SparsePattern::atrous(r + 2),
+       spec_union(spec_atrous(r), spec_atrous(r + 2))},
+  };
+}
+
+// Every residue case at rate r and sizes n x m with every option the lanes keep (causal, both alignments, key
+// padding, ALiBi with and without causal, log-n scaling, windows, two threads), against the double oracle and the
+// dense kernel with the mask; with vector packets, asserting that the lanes take the term. Then one thread against
+// two, bit for bit.
+template <class S>
+void expect_residue_lanes_match(Index r, Index n, Index m, Index d, Index dv, unsigned& seed) {
+  constexpr Index P = detail::KernelShape<S>::kPacket;
+  const std::vector<Case> patterns = residue_cases(r);
+  std::vector<AttentionOptions> options(9);
+  options[1].causal = true;
+  options[2].causal = true, options[2].align = CausalAlign::kTopLeft;
+  options[3].key_length = m - m / 3;
+  options[4].alibi_slope = 0.25, options[4].causal = true;
+  options[5].log_n_scale = true;
+  options[6].window_left = 2 * r + 1, options[6].align = CausalAlign::kTopLeft;
+  options[7].window_right = r, options[7].threads = 2;
+  options[8].alibi_slope = 0.25;
+  for (const AttentionOptions& o : options) {
+    for (const Case& c : patterns) {
+      expect_matches<S>(c, n, m, d, dv, o, seed += 3);
+      if (P > 1) {
+        const detail::SparseProblem<S> problem("test", c.pattern, n, m, o);
+        EXPECT_TRUE(detail::ResidueLanes<S>::applies(problem, Index(problem.gathered.size()) - 1, o))
+            << c.name << " r=" << r << " n=" << n << " m=" << m;
+      }
+    }
+  }
+  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
+  for (const Case& c : patterns) {
+    AttentionOptions one, two;
+    one.threads = 1, two.threads = 2;
+    EXPECT_TRUE(sparse_attention(q, k, v, c.pattern, one) == sparse_attention(q, k, v, c.pattern, two)) << c.name;
+  }
+}
+
 // Short residue classes run side by side, one per lane of a packet (ResidueLanes): rates from the packet size up,
-// with lane counts that do not divide them, every option the lanes keep (causal, both alignments, n != m, key
-// padding, ALiBi, log-n scaling, windows) and the terms they continue (a band, another residue class). Each against
-// the double oracle and the dense kernel with the mask; with vector packets the test also asserts that the lanes ran.
+// with lane counts that do not divide them, n != m both ways (expect_residue_lanes_match above).
 TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
   using S = TypeParam;
   constexpr Index P = detail::KernelShape<S>::kPacket;
   unsigned seed = 500;
   for (const Index r : {P, P + 3, 2 * P + 5}) {
-    const std::vector<Case> patterns = {
-        {"atrous", SparsePattern::atrous(r), spec_atrous(r)},
-        {"atrous_window", SparsePattern::atrous(r, 2 * r + 1), spec_atrous(r, 2 * r + 1)},
-        {"local_atrous", SparsePattern::local_atrous(r), spec_local_atrous(r)},
-        {"strided", SparsePattern::strided(r), spec_strided(r)},
-        {"local3_or_atrous", SparsePattern::local(3) | SparsePattern::atrous(r),
-         spec_union(spec_local(3), spec_atrous(r))},
-        {"atrous_or_atrous", SparsePattern::atrous(r) | SparsePattern::atrous(r + 2),
-         spec_union(spec_atrous(r), spec_atrous(r + 2))},
-    };
     const Index big = std::min<Index>(200, 50 * r);  // classes of at most 64 keys (the lanes' limit)
-    for (const auto& [n, m] : {std::pair<Index, Index>{1, 1}, {7, 7}, {65, 65}, {65, 102}, {65, 22}, {big, big}}) {
-      std::vector<AttentionOptions> options(8);
-      options[1].causal = true;
-      options[2].causal = true, options[2].align = CausalAlign::kTopLeft;
-      options[3].key_length = m - m / 3;
-      options[4].alibi_slope = 0.25, options[4].causal = true;
-      options[5].log_n_scale = true;
-      options[6].window_left = 2 * r + 1, options[6].align = CausalAlign::kTopLeft;
-      options[7].window_right = r, options[7].threads = 2;
-      for (const AttentionOptions& o : options) {
-        for (const Case& c : patterns) {
-          expect_matches<S>(c, n, m, 6, 5, o, seed += 3);
-          if (P > 1) {
-            const detail::SparseProblem<S> problem("test", c.pattern, n, m, o);
-            EXPECT_TRUE(detail::ResidueLanes<S>::applies(problem, Index(problem.gathered.size()) - 1, o))
-                << c.name << " r=" << r << " n=" << n << " m=" << m;
-          }
-        }
-      }
-      // Any thread count, bit for bit.
-      const Matrix<S> q = random_matrix<S>(n, 6, 1), k = random_matrix<S>(m, 6, 2), v = random_matrix<S>(m, 5, 3);
-      for (const Case& c : patterns) {
-        AttentionOptions one, two;
-        one.threads = 1, two.threads = 2;
-        EXPECT_TRUE(sparse_attention(q, k, v, c.pattern, one) == sparse_attention(q, k, v, c.pattern, two)) << c.name;
-      }
-    }
+    for (const auto& [n, m] : {std::pair<Index, Index>{1, 1}, {7, 7}, {65, 65}, {65, 102}, {65, 22}, {big, big}})
+      expect_residue_lanes_match<S>(r, n, m, 6, 5, seed);
   }
 }
 
 // Residue classes that fill most of a packet run one class at a time, its queries in the lanes
-// (ResidueLanes::by_class): rates from the packet size up, classes of P queries (n a multiple of the rate or a row
-// short of one) and of 3P/4 + 1, n != m both ways, every option the lanes keep and the terms they continue, with a
-// d_v of a packet and a scalar tail. Each against the double oracle and the dense kernel with the mask; with vector
-// packets the test also asserts that such classes qualify (by_class; the run itself also needs 3/4 of the pairs
-// kept, so causal ones stay in lanes). Then any thread count, bit for bit.
+// (ResidueLanes::by_class, when they keep over 3/4 of their pairs: not the causal options): rates from the packet
+// size up, classes of P queries (n a multiple of the rate or a row short of one) and of 3P/4 + 1, n != m both ways,
+// with a d_v of a packet and a scalar tail (expect_residue_lanes_match above).
 TYPED_TEST(SparseTest, FullResidueClassesRunClassByClassAndMatchTheOracle) {
   using S = TypeParam;
   constexpr Index P = detail::KernelShape<S>::kPacket;
   unsigned seed = 1300;
-  for (const Index r : {P, P + 3, 2 * P + 5}) {
-    const std::vector<Case> patterns = {
-        {"atrous", SparsePattern::atrous(r), spec_atrous(r)},
-        {"atrous_window", SparsePattern::atrous(r, 2 * r + 1), spec_atrous(r, 2 * r + 1)},
-        {"local_atrous", SparsePattern::local_atrous(r), spec_local_atrous(r)},
-        {"strided", SparsePattern::strided(r), spec_strided(r)},
-        {"local3_or_atrous", SparsePattern::local(3) | SparsePattern::atrous(r),
-         spec_union(spec_local(3), spec_atrous(r))},
-        {"atrous_or_atrous", SparsePattern::atrous(r) | SparsePattern::atrous(r + 2),
-         spec_union(spec_atrous(r), spec_atrous(r + 2))},
-    };
+  for (const Index r : {P, P + 3, 2 * P + 5})
     for (const Index n : {P * r, std::max<Index>(1, P * r - 1), (3 * P / 4 + 1) * r}) {
-      for (const Index m : {n, n + r / 2 + 1, std::max<Index>(1, n - r)}) {
-        std::vector<AttentionOptions> options(9);
-        options[1].causal = true;
-        options[2].causal = true, options[2].align = CausalAlign::kTopLeft;
-        options[3].key_length = m - m / 3;
-        options[4].alibi_slope = 0.25, options[4].causal = true;
-        options[5].log_n_scale = true;
-        options[6].window_left = 2 * r + 1, options[6].align = CausalAlign::kTopLeft;
-        options[7].window_right = r, options[7].threads = 2;
-        options[8].alibi_slope = 0.25;  // (options 1, 2, 4, 6 and 7 keep under 3/4 of the pairs: lanes)
-        for (const AttentionOptions& o : options) {
-          for (const Case& c : patterns) {
-            expect_matches<S>(c, n, m, 9, P + 3, o, seed += 3);
-            if (P > 1) {
-              const detail::SparseProblem<S> problem("test", c.pattern, n, m, o);
-              EXPECT_TRUE(detail::ResidueLanes<S>::applies(problem, Index(problem.gathered.size()) - 1, o))
-                  << c.name << " r=" << r << " n=" << n << " m=" << m;
-              if (m == n || o.align == CausalAlign::kTopLeft) {  // query positions 0 .. n - 1: ceil(n / r) a class
-                EXPECT_TRUE(detail::ResidueLanes<S>::by_class((n + r - 1) / r)) << "r=" << r << " n=" << n;
-              }
-            }
-          }
-        }
-        const Matrix<S> q = random_matrix<S>(n, 9, 1), k = random_matrix<S>(m, 9, 2), v = random_matrix<S>(m, P + 3, 3);
-        for (const Case& c : patterns) {
-          AttentionOptions one, two;
-          one.threads = 1, two.threads = 2;
-          EXPECT_TRUE(sparse_attention(q, k, v, c.pattern, one) == sparse_attention(q, k, v, c.pattern, two)) << c.name;
-        }
+      if (P > 1) {  // query positions 0 .. n - 1: ceil(n / r) a class
+        EXPECT_TRUE(detail::ResidueLanes<S>::by_class((n + r - 1) / r)) << "r=" << r << " n=" << n;
       }
+      for (const Index m : {n, n + r / 2 + 1, std::max<Index>(1, n - r)})
+        expect_residue_lanes_match<S>(r, n, m, 9, P + 3, seed);
     }
-  }
 }
 
 // Value rows k rows apart, a multiple of 1 KiB, fall in a few sets of the L1 cache: the lanes then copy a lane's rows

@@ -698,6 +698,7 @@ bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const type
     if constexpr (kCheck) check = por(check, pmul(x, zero));
     pstoreu(dst + t * step, pmul(x, scale));
   }
+  if constexpr (!kCheck) return true;
   S lanes[P];
   pstoreu(lanes, check);
   return std::all_of(lanes, lanes + P, [](S x) { return x == S(0); });

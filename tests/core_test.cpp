@@ -340,8 +340,83 @@ void check_lane_pieces() {
   }
 }
 
-TEST(LaneBatched, EachLaneIsItsOwnProblemInFloat) { check_lane_pieces<float>(); }
-TEST(LaneBatched, EachLaneIsItsOwnProblemInDouble) { check_lane_pieces<double>(); }
+// The class-by-class pieces (a residue class's queries in the lanes of Packet, full or half width): the products
+// with broadcast rows for every count of rows (blocks of 8 and 4 and the rest), and the weighted sums over every lane
+// range, with and without an earlier part, for widths with one- and two-packet steps and a scalar tail, their output
+// rows placed just past the rows they read (mod 4 KiB: packets taken from the last down) and further (upwards);
+// against plain loops in double precision, and never writing outside their lanes and columns.
+template <class S, class Packet>
+void check_class_pieces() {
+  using namespace Eigen::internal;
+  constexpr Index P = unpacket_traits<Packet>::size;
+  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-13;
+  std::mt19937 gen(13);
+  std::normal_distribution<double> dist;
+  const auto fill = [&](std::vector<S>& x) {
+    for (S& e : x) e = S(dist(gen));
+  };
+  for (const Index rows : {1, 3, 4, 7, 8, 9, 13})
+    for (const Index depth : {0, 1, 7, 64}) {
+      SCOPED_TRACE("broadcast_product " + std::to_string(rows) + " rows, depth " + std::to_string(depth));
+      std::vector<std::vector<S>> keys(size_t(rows), std::vector<S>(size_t(depth) + 1));
+      const S* ptrs[16];
+      for (Index r = 0; r < rows; ++r) fill(keys[size_t(r)]), ptrs[r] = keys[size_t(r)].data();
+      std::vector<S> b(size_t(std::max<Index>(depth, 1) * P)), dst(size_t((rows + 1) * P), S(-3));
+      fill(b);
+      broadcast_product<S, Packet>(ptrs, rows, b.data(), depth, dst.data());
+      for (Index r = 0; r <= rows; ++r)
+        for (Index l = 0; l < P; ++l) {
+          if (r == rows) {
+            ASSERT_EQ(dst[size_t(r * P + l)], S(-3)) << "wrote past its rows";
+            continue;
+          }
+          double want = 0;
+          for (Index t = 0; t < depth; ++t) want += double(keys[size_t(r)][size_t(t)]) * double(b[size_t(t * P + l)]);
+          ASSERT_NEAR(dst[size_t(r * P + l)], want, tol * (1 + depth)) << "row " << r << " lane " << l;
+        }
+    }
+  for (const Index cols : {Index(1), P, 2 * P, 2 * P + 3, 4 * P + 1})
+    for (const Index depth : {0, 1, 9})
+      for (const bool with_beta : {false, true})
+        for (const auto& [first, last] : {std::pair<Index, Index>{0, P}, {P / 2, P}, {0, P - P / 3}})
+          for (const Index gap : {64, 256}) {  // bytes from the values' rows to the outputs', modulo 4 KiB
+            SCOPED_TRACE("weighted_lanes " + std::to_string(cols) + " cols, depth " + std::to_string(depth) +
+                         (with_beta ? ", beta" : "") + ", lanes " + std::to_string(first) + ".." +
+                         std::to_string(last) + ", gap " + std::to_string(gap));
+            const Index ldb = cols + 2, ldc = cols + 3, values = std::max<Index>(depth, 1) * ldb;
+            const Index out_at = (round_up(values * Index(sizeof(S)), 4096) + gap) / Index(sizeof(S));
+            std::vector<S> w(size_t(std::max<Index>(depth, 1) * P)), beta(static_cast<size_t>(P));
+            Matrix<S> buffer(1, out_at + P * ldc + 4096);  // (aligned to 64 bytes)
+            buffer.setRandom();
+            fill(w), fill(beta);
+            S *b = buffer.data(), *c = b + out_at;
+            const Matrix<S> before = buffer;
+            weighted_lanes<S, Packet>(w.data(), depth, b, ldb, c, ldc, first, last, with_beta ? beta.data() : nullptr,
+                                      cols);
+            for (Index x = 0; x < P; ++x)
+              for (Index col = 0; col < ldc; ++col) {
+                const Index at = out_at + x * ldc + col;
+                if (x < first || x >= last || col >= cols) {
+                  ASSERT_EQ(buffer(0, at), before(0, at)) << "wrote outside its lanes and columns";
+                  continue;
+                }
+                double want = with_beta ? double(beta[size_t(x)]) * double(before(0, at)) : 0;
+                for (Index t = 0; t < depth; ++t) want += double(w[size_t(t * P + x)]) * double(b[t * ldb + col]);
+                ASSERT_NEAR(buffer(0, at), want, tol * (2 + depth)) << "lane " << x << " col " << col;
+              }
+          }
+}
+
+TEST(LaneBatched, EachLaneIsItsOwnProblemInFloat) {
+  check_lane_pieces<float>();
+  check_class_pieces<float, KernelShape<float>::Packet>();
+  check_class_pieces<float, KernelShape<float>::HalfPacket>();
+}
+TEST(LaneBatched, EachLaneIsItsOwnProblemInDouble) {
+  check_lane_pieces<double>();
+  check_class_pieces<double, KernelShape<double>::Packet>();
+  check_class_pieces<double, KernelShape<double>::HalfPacket>();
+}
 
 TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
   for (Index n : {1, 7, 96, 257, 512, 2048, 4099})

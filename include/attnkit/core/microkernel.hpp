@@ -691,7 +691,7 @@ void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index 
   // Output rows that start up to two lines past the value rows (modulo 4 KiB: in the L1 sets of the values' next
   // packet) take their packets from the last down: stored in the sets of packets already read, not of the next
   // one, which a residue class's value rows (4 KiB apart or a multiple) fill (atrous(128), out one line ahead of v:
-  // 1.10-1.13x the time upwards at n = 1024 and 2048, 0.98-1.0x downwards; upwards is 0.97x in other placements).
+  // 1.08-1.21x the time upwards at n = 1024 and 2048, 0.98-1.0x downwards; upwards is 0.97x in other placements).
   const std::uintptr_t gap = (reinterpret_cast<std::uintptr_t>(c) - reinterpret_cast<std::uintptr_t>(b)) % 4096;
   const Index whole = cols / (C * P) * (C * P), step = gap > 0 && gap < 128 ? -C * P : C * P;
   for (Index col = step > 0 ? 0 : whole + step; col >= 0 && col < whole; col += step)

@@ -215,6 +215,20 @@ TEST(OnlineSoftmax, RaggedEndsEqualWholePacketsAndLeaveWhatFollowsAlone) {
 
 // The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
 // query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
+// Normal samples for the lane-batched pieces' inputs, and their tolerance against double-precision loops.
+struct NormalFill {
+  explicit NormalFill(unsigned seed) : gen(seed) {}
+  double operator()() { return dist(gen); }
+  template <class S>
+  void operator()(std::vector<S>& x) {
+    for (S& e : x) e = S(dist(gen));
+  }
+  std::mt19937 gen;
+  std::normal_distribution<double> dist;
+};
+template <class S>
+constexpr double kLaneTolerance = std::is_same_v<S, float> ? 2e-5 : 1e-13;
+
 // Lane-batched pieces (sparse attention's residue lanes): every lane is a problem of its own, against plain loops in
 // double precision. Packing transposes rows into lanes (a null row gives zeros) and reports NaN and Inf; the product
 // and the weighted rows handle every block shape and ragged edge; the softmax merges an earlier part and leaves a
@@ -224,12 +238,8 @@ void check_lane_pieces() {
   using namespace Eigen::internal;
   using Packet = typename KernelShape<S>::Packet;
   constexpr Index P = KernelShape<S>::kPacket;
-  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-13;
-  std::mt19937 gen(11);
-  std::normal_distribution<double> dist;
-  const auto fill = [&](std::vector<S>& x) {
-    for (S& e : x) e = S(dist(gen));
-  };
+  const double tol = kLaneTolerance<S>;
+  NormalFill fill(11);
   for (const Index cols : {Index(1), Index(3), P, P + 1, 3 * P + 5}) {
     SCOPED_TRACE("pack_lanes, cols " + std::to_string(cols));
     std::vector<std::vector<S>> data(P, std::vector<S>(size_t(cols)));
@@ -310,7 +320,7 @@ void check_lane_pieces() {
     fill(logits);
     for (S& x : logits) x *= 4;
     for (Index l = 0; l < P; ++l) {
-      lse[size_t(l)] = l % 2 ? S(dist(gen)) : -inf;  // odd lanes continue an earlier part
+      lse[size_t(l)] = l % 2 ? S(fill()) : -inf;  // odd lanes continue an earlier part
       for (Index c = 0; c < count; ++c)
         if ((c + l) % 3 == 0 || l == P - 1) logits[size_t(c * P + l)] = -inf;  // masked; the last lane has nothing
     }
@@ -349,12 +359,8 @@ template <class S, class Packet>
 void check_class_pieces() {
   using namespace Eigen::internal;
   constexpr Index P = unpacket_traits<Packet>::size;
-  const double tol = std::is_same_v<S, float> ? 2e-5 : 1e-13;
-  std::mt19937 gen(13);
-  std::normal_distribution<double> dist;
-  const auto fill = [&](std::vector<S>& x) {
-    for (S& e : x) e = S(dist(gen));
-  };
+  const double tol = kLaneTolerance<S>;
+  NormalFill fill(13);
   for (const Index rows : {1, 3, 4, 7, 8, 9, 13})
     for (const Index depth : {0, 1, 7, 64}) {
       SCOPED_TRACE("broadcast_product " + std::to_string(rows) + " rows, depth " + std::to_string(depth));

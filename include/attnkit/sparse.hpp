@@ -907,7 +907,7 @@ class ResidueLanes {
   /// The lanes of the packets with which a block whose classes span this many query positions may run class by class
   /// (run_classes), or 0: positions that fill most of a packet or of a half packet (and, checked in run(), pairs most
   /// of which are kept). Half packets (8 floats under AVX-512, which Zen 4 multiplies and adds at the same rate as
-  /// full ones): atrous(128) at n = 1024 (8 queries and 8 keys a class) in 0.86x the lanes' time.
+  /// full ones): atrous(128) at n = 1024 (8 queries and 8 keys a class) in 0.86-0.88x the lanes' time.
   static Index class_lanes(Index positions) {
     if (positions <= kP && 4 * positions > 3 * kP) return kP;
     if (kHalf < kP && positions <= kHalf && 4 * positions > 3 * kHalf) return kHalf;
@@ -916,11 +916,10 @@ class ResidueLanes {
 
  private:
   /// One class at a time, its queries in the lanes of Packet (of P lanes), for classes of at most P queries
-  /// (class_lanes): the class's q rows
-  /// transposed into lanes (pack_lanes, one transpose per P columns), its keys broadcast from their own rows
-  /// (broadcast_product), the softmax lane by lane down the keys (softmax_lanes), then the output rows a packet of
-  /// columns at a time (weighted_lanes). Only q is transposed, where the lanes transpose q and k, and no value row is
-  /// copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the time of the lanes (a
+  /// (class_lanes): the class's q rows transposed into lanes (pack_lanes, one transpose per P columns), its keys
+  /// broadcast from their own rows (broadcast_product), the softmax lane by lane down the keys (softmax_lanes), then
+  /// the output rows a packet of columns at a time (weighted_lanes). Only q is transposed, where the lanes transpose q
+  /// and k, and no value row is copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the time of the lanes (a
   /// standalone prototype without masks and checks, 0.77x). Masks and ALiBi come from one table over the difference
   /// A - B, read as a packet per key; rows of a lane past the class's queries are computed but never stored. Returns
   /// false as run() does, before writing a row.

@@ -919,10 +919,10 @@ class ResidueLanes {
   /// (class_lanes): the class's q rows transposed into lanes (pack_lanes, one transpose per P columns), its keys
   /// broadcast from their own rows (broadcast_product), the softmax lane by lane down the keys (softmax_lanes), then
   /// the output rows a packet of columns at a time (weighted_lanes). Only q is transposed, where the lanes transpose q
-  /// and k, and no value row is copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the time of the lanes (a
-  /// standalone prototype without masks and checks, 0.77x). Masks and ALiBi come from one table over the difference
-  /// A - B, read as a packet per key; rows of a lane past the class's queries are computed but never stored. Returns
-  /// false as run() does, before writing a row.
+  /// and k, and no value row is copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the
+  /// time of the lanes (a standalone prototype without masks and checks, 0.77x). Masks and ALiBi come from one table
+  /// over the difference A - B, read as a packet per key; rows of a lane past the class's queries are computed but
+  /// never stored. Returns false as run() does, before writing a row.
   template <class Packet>
   bool run_classes(Index c0, Index lanes, Index a_first, Index d0, Index key_count, Workspace& ws) const {
     using namespace Eigen::internal;

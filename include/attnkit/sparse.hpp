@@ -771,13 +771,13 @@ class ResidueLanes {
     // Keys [0, full_keys) exist in every lane; later ones are past the keys (or key_length) in some lanes.
     const Index full_keys = std::clamp<Index>(-floor_div(c0 + lanes - 1 - key_bound_, k), 0, key_count);
 
-    if (const Index width = class_lanes(a_last - a_first + 1)) {
+    if (const Index packet_lanes = class_lanes(a_last - a_first + 1)) {
       // ... and most of the classes' (query, key) pairs are kept: class by class computes them all, where the lanes
       // skip a causal triangle's empty half (strided(128) at n = 2048: 1.03x the time class by class).
       Index kept = 0;
       for (Index a = a_first; a <= a_last; ++a) kept += kept_in(a - key_count + 1, a);
       if (4 * kept > 3 * (a_last - a_first + 1) * key_count) {
-        if (width == kP) return run_classes<Packet>(c0, lanes, a_first, d0, key_count, ws);
+        if (packet_lanes == kP) return run_classes<Packet>(c0, lanes, a_first, d0, key_count, ws);
         return run_classes<typename KernelShape<S>::HalfPacket>(c0, lanes, a_first, d0, key_count, ws);
       }
     }

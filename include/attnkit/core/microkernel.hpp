@@ -694,9 +694,9 @@ void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index 
   // 1.08-1.21x the time upwards at n = 1024 and 2048, 0.98-1.0x downwards; upwards is 0.97x in other placements).
   const std::uintptr_t gap = (reinterpret_cast<std::uintptr_t>(c) - reinterpret_cast<std::uintptr_t>(b)) % 4096;
   const Index whole = cols / (C * P) * (C * P), step = gap > 0 && gap < 128 ? -C * P : C * P;
-  for (Index col = step > 0 ? 0 : whole + step; col >= 0 && col < whole; col += step)
-    weighted_packets<S, Packet, C>(w, depth, b, ldb, c, ldc, first, last, beta, col);
-  Index col = whole;
+  for (Index from = step > 0 ? 0 : whole + step; from >= 0 && from < whole; from += step)
+    weighted_packets<S, Packet, C>(w, depth, b, ldb, c, ldc, first, last, beta, from);
+  Index col = whole;  // then single packets, then scalars
   for (; col + P <= cols; col += P) weighted_packets<S, Packet, 1>(w, depth, b, ldb, c, ldc, first, last, beta, col);
   for (Index x = first; x < last; ++x)
     for (Index k = col; k < cols; ++k) {

@@ -350,15 +350,14 @@ void check_lane_pieces() {
   }
 }
 
-// The class-by-class pieces (a residue class's queries in the lanes of Packet, full or half width): the products
-// with broadcast rows for every count of rows (blocks of 8 and 4 and the rest), and the weighted sums over every lane
-// range, with and without an earlier part, for widths with one- and two-packet steps and a scalar tail, their output
-// rows placed just past the rows they read (mod 4 KiB: packets taken from the last down) and further (upwards);
-// against plain loops in double precision, and never writing outside their lanes and columns.
-template <class S, class Packet>
+// The class-by-class pieces (a residue class's queries in the lanes of a packet): the products with broadcast rows
+// for every count of rows (blocks of 4 and the rest), and the weighted sums over every lane range, with and without
+// an earlier part, for widths of one or more packets and a scalar tail, their output rows placed just past the rows
+// they read (mod 4 KiB: packets taken from the last down) and further (upwards); against plain loops in double
+// precision, and never writing outside their lanes and columns.
+template <class S>
 void check_class_pieces() {
-  using namespace Eigen::internal;
-  constexpr Index P = unpacket_traits<Packet>::size;
+  constexpr Index P = KernelShape<S>::kPacket;
   const double tol = kLaneTolerance<S>;
   NormalFill fill(13);
   for (const Index rows : {1, 3, 4, 7, 8, 9, 13})
@@ -369,7 +368,7 @@ void check_class_pieces() {
       for (Index r = 0; r < rows; ++r) fill(keys[size_t(r)]), ptrs[r] = keys[size_t(r)].data();
       std::vector<S> b(size_t(std::max<Index>(depth, 1) * P)), dst(size_t((rows + 1) * P), S(-3));
       fill(b);
-      broadcast_product<S, Packet>(ptrs, rows, b.data(), depth, dst.data());
+      broadcast_product<S>(ptrs, rows, b.data(), depth, dst.data());
       for (Index r = 0; r <= rows; ++r)
         for (Index l = 0; l < P; ++l) {
           if (r == rows) {
@@ -397,8 +396,7 @@ void check_class_pieces() {
             fill(w), fill(beta);
             S *b = buffer.data(), *c = b + out_at;
             const Matrix<S> before = buffer;
-            weighted_lanes<S, Packet>(w.data(), depth, b, ldb, c, ldc, first, last, with_beta ? beta.data() : nullptr,
-                                      cols);
+            weighted_lanes<S>(w.data(), depth, b, ldb, c, ldc, first, last, with_beta ? beta.data() : nullptr, cols);
             for (Index x = 0; x < P; ++x)
               for (Index col = 0; col < ldc; ++col) {
                 const Index at = out_at + x * ldc + col;
@@ -415,13 +413,11 @@ void check_class_pieces() {
 
 TEST(LaneBatched, EachLaneIsItsOwnProblemInFloat) {
   check_lane_pieces<float>();
-  check_class_pieces<float, KernelShape<float>::Packet>();
-  check_class_pieces<float, KernelShape<float>::HalfPacket>();
+  check_class_pieces<float>();
 }
 TEST(LaneBatched, EachLaneIsItsOwnProblemInDouble) {
   check_lane_pieces<double>();
-  check_class_pieces<double, KernelShape<double>::Packet>();
-  check_class_pieces<double, KernelShape<double>::HalfPacket>();
+  check_class_pieces<double>();
 }
 
 TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {

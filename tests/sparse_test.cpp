@@ -585,26 +585,25 @@ TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
   }
 }
 
-// Residue classes that fill most of a packet, or of a half packet, run one class at a time, its queries in the lanes
-// (ResidueLanes::class_lanes, when they keep over 3/4 of their pairs: not the causal options): rates from the packet
-// size up, classes of L queries (n a multiple of the rate or a row short of one) and of 3L/4 + 1 for L = P and, where
-// there are shorter packets, L = P / 2; n != m both ways, with a d_v of a packet and a scalar tail
+// Residue classes that fill most of a packet run one class at a time, its queries in the lanes
+// (ResidueLanes::by_class, when they keep over 3/4 of their pairs: not the causal options), and shorter ones in the
+// lanes: rates from the packet size up, classes of P queries (n a multiple of the rate or a row short of one), of
+// 3P/4 + 1, and of P/2 and P/2 - 1 (the lanes); n != m both ways, with a d_v of a packet and a scalar tail
 // (expect_residue_lanes_match above).
 TYPED_TEST(SparseTest, FullResidueClassesRunClassByClassAndMatchTheOracle) {
   using S = TypeParam;
-  constexpr Index P = detail::KernelShape<S>::kPacket, H = detail::KernelShape<S>::kHalfPacket;
+  constexpr Index P = detail::KernelShape<S>::kPacket;
   unsigned seed = 1300;
-  for (const Index lanes : {P, H}) {
-    if (lanes == H && H == P) continue;
-    for (const Index r : {P, P + 3, 2 * P + 5})
-      for (const Index n : {lanes * r, std::max<Index>(1, lanes * r - 1), (3 * lanes / 4 + 1) * r}) {
+  for (const Index r : {P, P + 3, 2 * P + 5})
+    for (const Index queries : {P, 3 * P / 4 + 1, std::max<Index>(P / 2, 1)}) {
+      for (const Index n : {queries * r, std::max<Index>(1, queries * r - 1)}) {
         if (P > 1) {  // query positions 0 .. n - 1: ceil(n / r) a class
-          EXPECT_EQ(detail::ResidueLanes<S>::class_lanes((n + r - 1) / r), lanes) << "r=" << r << " n=" << n;
+          EXPECT_EQ(detail::ResidueLanes<S>::by_class((n + r - 1) / r), queries > P / 2) << "r=" << r << " n=" << n;
         }
         for (const Index m : {n, n + r / 2 + 1, std::max<Index>(1, n - r)})
           expect_residue_lanes_match<S>(r, n, m, 9, P + 3, seed);
       }
-  }
+    }
 }
 
 // Value rows k rows apart, a multiple of 1 KiB, fall in a few sets of the L1 cache: the lanes then copy a lane's rows
@@ -649,13 +648,9 @@ TYPED_TEST(SparseTest, ResidueLanesLeaveNaNOnlyWhereItIsSeen) {
   const Index r = 2 * P + 1;
   AttentionOptions causal;
   causal.causal = true;
-  // Classes of 150 / r queries run in lanes; of P or P / 2 queries (n = P r, H r), class by class when they keep 3/4
-  // of their pairs (local_atrous, and atrous windowed to all but the classes' far corners: a NaN key there must reach
-  // no row).
-  constexpr Index H = detail::KernelShape<S>::kHalfPacket;
-  std::vector<Index> sizes = {150, P * r};
-  if (H < P) sizes.push_back(H * r);
-  for (const Index n : sizes) {
+  // Classes of 150 / r queries run in lanes; of P queries (n = P r), class by class when they keep 3/4 of their pairs
+  // (local_atrous, and atrous windowed to all but the classes' far corners: a NaN key there must reach no row).
+  for (const Index n : {Index(150), P * r}) {
     const Index poisoned_row = n == 150 ? 86 : 1;  // (a class's first position: the window below masks it for the last)
     const Index lanes = n / r;
     SCOPED_TRACE("n=" + std::to_string(n));

@@ -771,14 +771,13 @@ class ResidueLanes {
     // Keys [0, full_keys) exist in every lane; later ones are past the keys (or key_length) in some lanes.
     const Index full_keys = std::clamp<Index>(-floor_div(c0 + lanes - 1 - key_bound_, k), 0, key_count);
 
-    if (const Index packet_lanes = class_lanes(a_last - a_first + 1)) {
+    if (by_class(a_last - a_first + 1)) {
       // ... and most of the classes' (query, key) pairs are kept: class by class computes them all, where the lanes
       // skip a causal triangle's empty half (strided(128) at n = 2048: 1.03x the time class by class).
       Index kept = 0;
       for (Index a = a_first; a <= a_last; ++a) kept += kept_in(a - key_count + 1, a);
       if (4 * kept > 3 * (a_last - a_first + 1) * key_count) {
-        if (packet_lanes == kP) return run_classes<Packet>(c0, lanes, a_first, d0, key_count, ws);
-        return run_classes<typename KernelShape<S>::HalfPacket>(c0, lanes, a_first, d0, key_count, ws);
+        return run_classes(c0, lanes, a_first, d0, key_count, ws);
       }
     }
 
@@ -906,31 +905,26 @@ class ResidueLanes {
     return true;
   }
 
-  static constexpr Index kHalf = KernelShape<S>::kHalfPacket;
-
-  /// The lanes of the packets with which a block whose classes span this many query positions may run class by class
-  /// (run_classes), or 0: positions that fill most of a packet or of a half packet (and, checked in run(), pairs most
-  /// of which are kept). Half packets (8 floats under AVX-512, which Zen 4 multiplies and adds at the same rate as
-  /// full ones): atrous(128) at n = 1024 (8 queries and 8 keys a class) in 0.86-0.88x the lanes' time.
-  static Index class_lanes(Index positions) {
-    if (positions <= kP && 4 * positions > 3 * kP) return kP;
-    if (kHalf < kP && positions <= kHalf && 4 * positions > 3 * kHalf) return kHalf;
-    return 0;
-  }
+  /// Whether a block whose classes span this many query positions may run class by class (run_classes): positions
+  /// that fill most of a packet (and, checked in run(), pairs most of which are kept). Shorter classes stay in the
+  /// lanes. Class by class in half packets, atrous(128) took 1.27x the lanes' time at n = 1024 (8 floats a class) on
+  /// Zen 5, whose FMAs do half the work on a half packet; 1.24x in doubles at n = 512, 1.38x in an AVX2 build at 512.
+  /// (Zen 4 had measured 0.86-0.88x, against lanes that still lost time to a masked load: see run().)
+  static bool by_class(Index positions) { return positions <= kP && 4 * positions > 3 * kP; }
 
  private:
-  /// One class at a time, its queries in the lanes of Packet (of P lanes), for classes of at most P queries
-  /// (class_lanes): the class's q rows transposed into lanes (pack_lanes, one transpose per P columns), its keys
-  /// broadcast from their own rows (broadcast_product), the softmax lane by lane down the keys (softmax_lanes), then
-  /// the output rows a packet of columns at a time (weighted_lanes). Only q is transposed, where the lanes transpose q
-  /// and k, and no value row is copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the
-  /// time of the lanes (a standalone prototype without masks and checks, 0.77x). Masks and ALiBi come from one table
+  /// One class at a time, its queries in the lanes of a packet, for classes of at most P queries (by_class): the
+  /// class's q rows transposed into lanes (pack_lanes, one transpose per P columns), its keys broadcast from their own
+  /// rows (broadcast_product), the softmax lane by lane down the keys (softmax_lanes), then the output rows a packet
+  /// of columns at a time (weighted_lanes). Only q is transposed, where the lanes transpose q and k, and no value row
+  /// is copied. atrous(128) at n = 2048 (16 queries and 16 keys a class): 0.86-0.92x the time of the lanes on Zen 4,
+  /// 0.84-0.86x on Zen 5 (a standalone prototype without masks and checks, 0.77x). Masks and ALiBi come from one table
   /// over the difference A - B, read as a packet per key; rows of a lane past the class's queries are computed but
   /// never stored. Returns false as run() does, before writing a row.
-  template <class Packet>
   bool run_classes(Index c0, Index lanes, Index a_first, Index d0, Index key_count, Workspace& ws) const {
     using namespace Eigen::internal;
-    constexpr Index P = unpacket_traits<Packet>::size;
+    using Packet = typename KernelShape<S>::Packet;
+    constexpr Index P = kP;
     constexpr S kNegInf = -std::numeric_limits<S>::infinity();
     const Index k = rate_, dk = q_.cols, dv = v_.cols;
     // Values first, where some pair is masked (a weight of 0 must not meet NaN or Inf), as run() checks them.
@@ -956,7 +950,7 @@ class ResidueLanes {
         rows[x] = real ? q_.row(i) : nullptr;
         scales[x] = real && p_.row_scales ? p_.row_scales[i] : scale_;
       }
-      pack_lanes<S, false, Packet>(rows, dk, ws.qt.data() + l * ldq, P, ploadu<Packet>(scales));
+      pack_lanes<S, false>(rows, dk, ws.qt.data() + l * ldq, P, ploadu<Packet>(scales));
     }
     // Class l's keys: [0, width(l)).
     const auto width_of = [&](Index l) {
@@ -969,7 +963,7 @@ class ResidueLanes {
       const S* keys[kKeys];
       for (Index j = 0; j < width; ++j) keys[j] = k_.row(c0 + l + j * k);
       S* at = logits + l * ldl;
-      broadcast_product<S, Packet>(keys, width, ws.qt.data() + l * ldq, dk, at);
+      broadcast_product<S>(keys, width, ws.qt.data() + l * ldq, dk, at);
       for (Index j = 0; j < width; ++j) check = por(check, pmul(ploadu<Packet>(at + j * P), zero));
     }
     S bits[P];
@@ -996,14 +990,14 @@ class ResidueLanes {
       pstoreu(lse, pset1<Packet>(kNegInf));
       if (continues_)
         for (Index x = first; x < last; ++x) lse[x] = lse_[i0 + x * k];
-      softmax_lanes<S, Packet>(at, width, lse, earlier, inverse, lse_ && keeps_lse_);
+      softmax_lanes<S>(at, width, lse, earlier, inverse, lse_ && keeps_lse_);
       if (lse_ && keeps_lse_)
         for (Index x = first; x < last; ++x) lse_[i0 + x * k] = lse[x];
       // The normaliser into the weights (and the earlier part's weight), once a key rather than once an output packet.
       const Packet norm = ploadu<Packet>(inverse);
       for (Index j = 0; j < width; ++j) pstoreu(at + j * P, pmul(ploadu<Packet>(at + j * P), norm));
       if (continues_) pstoreu(earlier, pmul(ploadu<Packet>(earlier), norm));
-      weighted_lanes<S, Packet>(at, width, width > 0 ? v_.row(c) : nullptr, k * v_.row_stride, out_ + i0 * out_stride_,
+      weighted_lanes<S>(at, width, width > 0 ? v_.row(c) : nullptr, k * v_.row_stride, out_ + i0 * out_stride_,
                                 k * out_stride_, first, last, continues_ ? earlier : nullptr, dv);
     }
     return true;

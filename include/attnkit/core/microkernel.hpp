@@ -33,8 +33,6 @@ template <class S>
 struct KernelShape {
   using Packet = typename Eigen::internal::packet_traits<S>::type;
   static constexpr int kPacket = Eigen::internal::packet_traits<S>::size;
-  using HalfPacket = typename Eigen::internal::unpacket_traits<Packet>::half;  // Packet itself where none is shorter
-  static constexpr int kHalfPacket = Eigen::internal::unpacket_traits<HalfPacket>::size;
 #if defined(EIGEN_VECTORIZE_AVX512)
   static constexpr int kRows = 6, kPackets = 4;  // 24 accumulators + 4 loads + 1 broadcast of 32 zmm registers
 #elif defined(EIGEN_VECTORIZE)
@@ -574,15 +572,15 @@ void lane_product(const S* a, Index lda, const S* b, Index ldb, Index depth, S* 
 /// dst + r P,
 ///   dst[r] = sum_t keys[r][t] .* b[t]   (b[t] the packet at b + t P, keys[r][t] broadcast to every lane)
 /// Four rows at a time: their lines then take at most four ways of an L1 set even when the rows are a multiple of
-/// 4 KiB apart, as a residue class's are (sixteen such rows at once thrashed it: 1.3x the time). Eight at a time for
-/// packets of 8 lanes or fewer (broadcast_product).
-template <class S, int R, class Packet = typename KernelShape<S>::Packet>
+/// 4 KiB apart, as a residue class's are (sixteen such rows at once thrashed it: 1.3x the time). Eight at a time
+/// halves the loads of b, but measured the same for 8-lane packets (doubles under AVX-512).
+template <class S, int R>
 void broadcast_rows(const S* const* keys, const S* b, Index depth, S* dst) {
   using namespace Eigen::internal;
-  constexpr Index P = unpacket_traits<Packet>::size;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
 #if defined(EIGEN_VECTORIZE_AVX512)
-  // Independent sums per row, against the FMA latency: 16 accumulators of 32 registers.
-  constexpr int T = R > 4 ? 2 : 4;
+  constexpr int T = 4;  // independent sums per row, against the FMA latency: 16 accumulators of 32 registers
 #else
   constexpr int T = 2;                        // 8 of 16
 #endif
@@ -616,90 +614,59 @@ void broadcast_rows(const S* const* keys, const S* b, Index depth, S* dst) {
 }
 
 /// broadcast_rows over any number of rows.
-template <class S, class Packet = typename KernelShape<S>::Packet>
+template <class S>
 void broadcast_product(const S* const* keys, Index rows, const S* b, Index depth, S* dst) {
-  constexpr Index P = Eigen::internal::unpacket_traits<Packet>::size;
+  constexpr Index P = KernelShape<S>::kPacket;
   Index r = 0;
-#if defined(EIGEN_VECTORIZE_AVX512)
-  // Packets of 8 lanes or fewer, eight rows at a time: half as many loads of b a broadcast (atrous(128) at n = 1024,
-  // 8-lane packets: 0.94x the time of four rows).
-  if constexpr (P <= 8)
-    for (; r + 8 <= rows; r += 8) broadcast_rows<S, 8, Packet>(keys + r, b, depth, dst + r * P);
-#endif
-  for (; r + 4 <= rows; r += 4) broadcast_rows<S, 4, Packet>(keys + r, b, depth, dst + r * P);
+  for (; r + 4 <= rows; r += 4) broadcast_rows<S, 4>(keys + r, b, depth, dst + r * P);
   switch (rows - r) {
     case 3:
-      return broadcast_rows<S, 3, Packet>(keys + r, b, depth, dst + r * P);
+      return broadcast_rows<S, 3>(keys + r, b, depth, dst + r * P);
     case 2:
-      return broadcast_rows<S, 2, Packet>(keys + r, b, depth, dst + r * P);
+      return broadcast_rows<S, 2>(keys + r, b, depth, dst + r * P);
     case 1:
-      return broadcast_rows<S, 1, Packet>(keys + r, b, depth, dst + r * P);
+      return broadcast_rows<S, 1>(keys + r, b, depth, dst + r * P);
     default:
       return;
-  }
-}
-
-/// C packets of columns, from col, of weighted_lanes.
-template <class S, class Packet, int C>
-EIGEN_ALWAYS_INLINE void weighted_packets(const S* w, Index depth, const S* b, Index ldb, S* c, Index ldc, Index first,
-                                          Index last, const S* beta, Index col) {
-  using namespace Eigen::internal;
-  constexpr int P = unpacket_traits<Packet>::size;
-  Packet acc[C][P];
-  ATTNKIT_UNROLL
-  for (int u = 0; u < C; ++u) {
-    ATTNKIT_UNROLL
-    for (int x = 0; x < P; ++x) acc[u][x] = pset1<Packet>(S(0));
-  }
-  for (Index t = 0; t < depth; ++t) {
-    ATTNKIT_UNROLL
-    for (int u = 0; u < C; ++u) {
-      const Packet bt = ploadu<Packet>(b + t * ldb + col + u * P);
-      ATTNKIT_UNROLL
-      for (int x = 0; x < P; ++x) acc[u][x] = madd(pset1<Packet>(w[t * P + x]), bt, acc[u][x]);
-    }
-  }
-  ATTNKIT_UNROLL
-  for (int x = 0; x < P; ++x) {
-    if (x < first || x >= last) continue;
-    ATTNKIT_UNROLL
-    for (int u = 0; u < C; ++u) {
-      S* row = c + x * ldc + col + u * P;
-      pstoreu(row, beta ? madd(pset1<Packet>(beta[x]), ploadu<Packet>(row), acc[u][x]) : acc[u][x]);
-    }
   }
 }
 
 /// Weighted sums with the weights in lanes (the other half of broadcast_product): for the lanes x in [first, last),
 ///   row c_x = beta[x] * c_x + sum_t w[t P + x] b_t   (beta == nullptr: c_x is not read)
 /// with b_t the row at b + t ldb and c_x the row at c + x ldc, `cols` wide. One packet of columns of all P lanes at a
-/// time (P accumulators), so each line of b is loaded once, wherever its rows lie; two at a time for packets of 8
-/// lanes or fewer where there are 32 registers (8 accumulators' chains of FMAs, 4 cycles each, are too few to keep
-/// two FMA pipes busy: atrous(128) at n = 1024 took 0.91x the time). A softmax's normaliser goes into w and beta
-/// beforehand, a multiply a weight packet instead of one an output packet. Every weight multiplies its row of b: the
-/// caller keeps NaN and Inf out of b's rows where a weight is 0.
-template <class S, class Packet = typename KernelShape<S>::Packet>
+/// time (P accumulators), so each line of b is loaded once, wherever its rows lie. A softmax's normaliser goes into w
+/// and beta beforehand, a multiply a weight packet instead of one an output packet. Every weight multiplies its row
+/// of b: the caller keeps NaN and Inf out of b's rows where a weight is 0.
+template <class S>
 void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index ldc, Index first, Index last,
                     const S* beta, Index cols) {
   using namespace Eigen::internal;
-  constexpr int P = unpacket_traits<Packet>::size;
-#if defined(EIGEN_VECTORIZE_AVX512)
-  constexpr int C = P <= 8 ? 2 : 1;
-#else
-  constexpr int C = 1;
-#endif
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr int P = KernelShape<S>::kPacket;
   // Output rows that start up to two lines past the value rows (modulo 4 KiB: in the L1 sets of the values' next
   // packet) take their packets from the last down: stored in the sets of packets already read, not of the next
   // one, which a residue class's value rows (4 KiB apart or a multiple) fill (atrous(128), out one line ahead of v:
   // 1.08-1.21x the time upwards at n = 1024 and 2048, 0.98-1.0x downwards; upwards is 0.97x in other placements).
   const std::uintptr_t gap = (reinterpret_cast<std::uintptr_t>(c) - reinterpret_cast<std::uintptr_t>(b)) % 4096;
-  const Index whole = cols / (C * P) * (C * P), step = gap > 0 && gap < 128 ? -C * P : C * P;
-  for (Index from = step > 0 ? 0 : whole + step; from >= 0 && from < whole; from += step)
-    weighted_packets<S, Packet, C>(w, depth, b, ldb, c, ldc, first, last, beta, from);
-  Index col = whole;  // then single packets, then scalars
-  for (; col + P <= cols; col += P) weighted_packets<S, Packet, 1>(w, depth, b, ldb, c, ldc, first, last, beta, col);
-  for (Index x = first; x < last; ++x)
-    for (Index k = col; k < cols; ++k) {
+  const Index whole = cols / P * P, step = gap > 0 && gap < 128 ? -P : P;
+  for (Index col = step > 0 ? 0 : whole - P; col >= 0 && col < whole; col += step) {
+    Packet acc[P];
+    ATTNKIT_UNROLL
+    for (int x = 0; x < P; ++x) acc[x] = pset1<Packet>(S(0));
+    for (Index t = 0; t < depth; ++t) {
+      const Packet bt = ploadu<Packet>(b + t * ldb + col);
+      ATTNKIT_UNROLL
+      for (int x = 0; x < P; ++x) acc[x] = madd(pset1<Packet>(w[t * P + x]), bt, acc[x]);
+    }
+    ATTNKIT_UNROLL
+    for (int x = 0; x < P; ++x) {
+      if (x < first || x >= last) continue;
+      S* row = c + x * ldc + col;
+      pstoreu(row, beta ? madd(pset1<Packet>(beta[x]), ploadu<Packet>(row), acc[x]) : acc[x]);
+    }
+  }
+  for (Index x = first; x < last; ++x)  // then scalars
+    for (Index k = whole; k < cols; ++k) {
       S sum = S(0);
       for (Index t = 0; t < depth; ++t) sum += w[t * P + x] * b[t * ldb + k];
       S* at = c + x * ldc + k;
@@ -713,10 +680,11 @@ void weighted_lanes(const S* w, Index depth, const S* b, Index ldb, S* c, Index 
 /// for NaN and Inf, and the bits of those products are or-ed (one multiply and a one-cycle or a packet, where a
 /// separate pass over the rows cost a sixth of atrous(128) at n = 1024). Without kCheck it returns true: for a caller
 /// whose products show NaN and Inf anyway.
-template <class S, bool kCheck = true, class Packet = typename KernelShape<S>::Packet>
-bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const Packet& scale) {
+template <class S, bool kCheck = true>
+bool pack_lanes(const S* const* rows, Index cols, S* dst, Index step, const typename KernelShape<S>::Packet& scale) {
   using namespace Eigen::internal;
-  constexpr Index P = unpacket_traits<Packet>::size;
+  using Packet = typename KernelShape<S>::Packet;
+  constexpr Index P = KernelShape<S>::kPacket;
   const Packet zero = pset1<Packet>(S(0));
   Packet check = zero;
   const Index blocked = cols / P * P;

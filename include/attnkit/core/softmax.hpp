@@ -219,10 +219,11 @@ S online_softmax_step(S* logits, Index count, SoftmaxState<S>& state) {
 /// whole row's log-sum-exp (unless keep_lse is false: a caller that reads no log-sum-exp saves the logarithm). M is
 /// the row's largest logit (or 0 when it has none, so that exp(-inf - M) is exactly 0). Every operation is lane by
 /// lane, so no row sees another. The caller keeps NaN and Inf out of the logits (a lane's max would drop NaN).
-template <class S, class Packet = typename Eigen::internal::packet_traits<S>::type>
+template <class S>
 void softmax_lanes(S* logits, Index count, S* lse, S* earlier, S* inverse, bool keep_lse = true) {
   using namespace Eigen::internal;
-  constexpr Index P = unpacket_traits<Packet>::size;
+  using Packet = typename packet_traits<S>::type;
+  constexpr Index P = packet_traits<S>::size;
   const Packet before = ploadu<Packet>(lse), none = pset1<Packet>(-std::numeric_limits<S>::infinity());
   Packet max = before;
   for (Index c = 0; c < count; ++c) max = pmax(max, ploadu<Packet>(logits + c * P));

@@ -998,7 +998,7 @@ class ResidueLanes {
       for (Index j = 0; j < width; ++j) pstoreu(at + j * P, pmul(ploadu<Packet>(at + j * P), norm));
       if (continues_) pstoreu(earlier, pmul(ploadu<Packet>(earlier), norm));
       weighted_lanes<S>(at, width, width > 0 ? v_.row(c) : nullptr, k * v_.row_stride, out_ + i0 * out_stride_,
-                                k * out_stride_, first, last, continues_ ? earlier : nullptr, dv);
+                        k * out_stride_, first, last, continues_ ? earlier : nullptr, dv);
     }
     return true;
   }

@@ -213,8 +213,6 @@ TEST(OnlineSoftmax, RaggedEndsEqualWholePacketsAndLeaveWhatFollowsAlone) {
   EXPECT_TRUE(std::isnan(exp_shifted_sum(row.data(), P + 3, 0.f)));
 }
 
-// The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
-// query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
 // Normal samples for the lane-batched pieces' inputs, and their tolerance against double-precision loops.
 struct NormalFill {
   explicit NormalFill(unsigned seed) : gen(seed) {}
@@ -420,6 +418,8 @@ TEST(LaneBatched, EachLaneIsItsOwnProblemInDouble) {
   check_class_pieces<double>();
 }
 
+// The tile plan: the key tile (summation order) depends on the shape only, never on the thread count; the automatic
+// query tiles cover n in whole micro-kernel strips, at most kMaxQueryTile rows, with a tile for every thread.
 TEST(TilePlan, KeyTileIgnoresThreadsAndQueryTilesShareEvenly) {
   for (Index n : {1, 7, 96, 257, 512, 2048, 4099})
     for (Index d : {8, 64, 128}) {

@@ -587,8 +587,8 @@ TYPED_TEST(SparseTest, ShortResidueClassesRunAsLanesAndMatchTheOracle) {
 
 // Residue classes that fill most of a packet run one class at a time, its queries in the lanes
 // (ResidueLanes::by_class, when they keep over 3/4 of their pairs: not the causal options), and shorter ones in the
-// lanes: rates from the packet size up, classes of P queries (n a multiple of the rate or a row short of one), of
-// 3P/4 + 1, and of P/2 and P/2 - 1 (the lanes); n != m both ways, with a d_v of a packet and a scalar tail
+// lanes: rates from the packet size up, classes of P, 3P/4 + 1 and P/2 queries (the last in the lanes; n a multiple
+// of the rate or a row short of one); n != m both ways, with a d_v of a packet and a scalar tail
 // (expect_residue_lanes_match above).
 TYPED_TEST(SparseTest, FullResidueClassesRunClassByClassAndMatchTheOracle) {
   using S = TypeParam;

@@ -2,10 +2,10 @@
 #   make test    installs what is missing, then configures, builds and runs every test
 #   make bench   Release build (-O3 -march=native), runs the benchmarks, writes JSON and PNG plots
 # Other targets: test-native (the tests built with -march=native, so the AVX2 / AVX-512 code paths run too),
-# test-asan (tests under AddressSanitizer + UBSan), test-tsan (the thread-safety tests under ThreadSanitizer), fuzz
-# (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke run), bench-compare
-# BASE=... NEW=... (per-benchmark time ratios of two runs), bench-readme (publish a full run in the README and
-# docs/benchmarks), clean.
+# test-asan (tests under AddressSanitizer + UBSan, scalar variants aside), test-tsan (the thread-safety tests under
+# ThreadSanitizer), fuzz (libFuzzer run of the kernels against the reference, FUZZ_SECONDS=60), bench-quick (smoke
+# run), bench-compare BASE=... NEW=... (per-benchmark time ratios of two runs), bench-readme (publish a full run in the
+# README and docs/benchmarks), clean.
 
 PACKAGES := cmake g++ make libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev python3-matplotlib
 FUZZ_PACKAGES := clang libclang-rt-14-dev

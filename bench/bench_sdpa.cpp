@@ -134,6 +134,26 @@ void BM_Decode(benchmark::State& state) {
   report_kv_rate(state, 2.0 * double(m * d) * sizeof(float), o.threads);
 }
 
+/// A chunk of query rows against a long cache of keys and values (chunked prefill, or cross-attention over a long
+/// memory): at m = 65536 the keys and values (16 MiB each) come from memory, while the output is a few rows. FLOPs as
+/// for full attention, 4 d per (query, key) pair.
+void BM_Prefill(benchmark::State& state) {
+  const Index rows = state.range(0), m = state.range(1), d = 64;
+  const Matrix<float> q = random_matrix<float>(rows, d, 1), k = random_matrix<float>(m, d, 2);
+  const Matrix<float> v = random_matrix<float>(m, d, 3);
+  Matrix<float> out(rows, d);
+  AttentionOptions o;
+  o.threads = int(state.range(2));
+  const int64_t heap = run_timed(state, [&] { scaled_dot_product_attention(q, k, v, out, o); });
+  report(state, attention_flops(double(rows) * double(m), d, d), o.threads, heap);
+  // One query head: the same single call, with split-K's partial outputs counted.
+  report_workspace(state, multi_head_attention_workspace_bytes<float>(rows, m, 1, 1, d, d, o));
+  report_error(state, std::to_string(d), [&] {  // 37 rows over 1500 keys
+    return fused_error(random_matrix<float>(37, d, 4), random_matrix<float>(1500, d, 5),
+                       random_matrix<float>(1500, d, 6), o);
+  });
+}
+
 const std::vector<int64_t> kLengths = {256, 512, 1024, 2048, 4096, 8192, 16384};
 
 BENCHMARK(BM_Fused)
@@ -165,6 +185,11 @@ BENCHMARK(BM_Decode)
     ->ArgsProduct({{4096, 16384, 65536}, {64, 128}, {1, 2}})
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Prefill)
+    ->ArgNames({"rows", "m", "threads"})
+    ->ArgsProduct({{8, 32, 64, 256}, {65536}, {1, 2}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 
 }  // namespace
 }  // namespace attnkit::bench

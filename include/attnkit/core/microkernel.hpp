@@ -155,8 +155,9 @@ inline void prefetch_row(const S* p, Index count) {
 /// buffers are all busy; spread over the micro-kernel calls of the current chunk (tile_product calls step() before
 /// each), the next chunk's loads overlap this chunk's arithmetic. Only a hint: results never depend on it. Views whose
 /// rows are not contiguous are not prefetched. The fused tile loop uses it only for calls that stream past the caches
-/// (streams_past_cache: the next key tile's keys and values, or the next query tile's new ones): for rows that are in
-/// the caches anyway it measured 2-6% slower.
+/// (streams_past_cache, or kFetchRows query rows and more over keys and values beyond the usable cache: the next key
+/// tile's keys and values, or the next query tile's new ones): for rows that are in the caches anyway it measured
+/// 2-6% slower.
 class Lookahead {
  public:
   /// Where the lines go: L2 (prefetcht1, the default) or L1 (prefetcht0).

@@ -429,6 +429,14 @@ bool reads_values_in_place(const StridedView<S>& v, Index cols, bool short_queri
   return v.row_contiguous() && v.group_rows == 0 && dv % KernelShape<S>::kPacket == 0 && !alias;
 }
 
+/// Query rows from which a call whose keys and values exceed the usable cache fetches its next key tiles ahead even
+/// when its output is small (streams_past_cache asks for a large output as well). Measured on Zen 4, one thread,
+/// d = 64, m = 65536, best calls against no fetching: a driver alternating the two, 32 / 64 / 128 / 256 rows 0.91-0.95
+/// / 0.95 / 0.97 / 0.98x the time (0.96x at 64 rows in 2 MiB pages); bench_sdpa's BM_Prefill, four rounds, 0.95-1.0 /
+/// 0.97-0.99 / - / 0.975-0.996x. Fewer rows spend too little time on a key tile to hide its fetches: 8 rows took up to
+/// 1.4x the time at m = 32768, whose keys and values the host's L3 still held.
+constexpr Index kFetchRows = 32;
+
 /// out = softmax(mask(scale * Q K^T)) V, SPEC section 1, for any mask model (`Mask` provides row_range, key_spans,
 /// classify, modifies_scores, modify_row, mask_row and row_scale, like MaskModel). Inputs have been validated.
 ///
@@ -454,11 +462,13 @@ void fused_attention(const StridedView<S>& q, const StridedView<S>& k, const Str
   const bool short_queries = use_short_query_scores(n, k);
   const bool values_in_place = reads_values_in_place(v, plan.cols, short_queries);
   // A call larger than the part of the last-level cache it can count on reads its rows from memory: it fetches its
-  // next keys and values ahead, and writes its output past the caches. (Fetching ahead rows that are in the caches
-  // anyway measured 2-6% slower.)
+  // next keys and values ahead, and, when its output is large as well, writes it past the caches. (Fetching ahead
+  // rows that are in the caches anyway measured 2-6% slower.) A few query rows over many keys (chunked prefill
+  // against a long cache) fetch too: see kFetchRows.
   const Index bytes = attention_call_bytes<S>(n, m, d, dv), out_bytes = Index(sizeof(S)) * n * dv;
-  const bool from_memory = streams_past_cache(bytes, out_bytes);
-  const bool stream_out = out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && from_memory);
+  const bool streams = streams_past_cache(bytes, out_bytes);
+  const bool from_memory = streams || (n >= kFetchRows && bytes > usable_cache_bytes());
+  const bool stream_out = out.write == OutputWrite::kStreamed || (out.write == OutputWrite::kAuto && streams);
   // A decoding step whose keys and values (the memory their rows span: a KV cache's rows hold every head) exceed
   // 3/4 of the last-level cache reads its keys ahead of its scores, and its values (in place) while the scores run
   // (short_query_scores); for keys in the caches that measured slower (1.07-1.32x at m = 4096), from DRAM faster.

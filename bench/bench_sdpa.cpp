@@ -135,8 +135,9 @@ void BM_Decode(benchmark::State& state) {
 }
 
 /// A chunk of query rows against a long cache of keys and values (chunked prefill, or cross-attention over a long
-/// memory): at m = 65536 the keys and values (16 MiB each) come from memory, while the output is a few rows. FLOPs as
-/// for full attention, 4 d per (query, key) pair.
+/// memory): at m = 65536 the keys and values (16 MiB each) come from memory, while the output is a few rows. Up to 64
+/// rows split the keys into chunks that threads share (split-K); 256 rows run whole. FLOPs as for full attention, 4 d
+/// per (query, key) pair.
 void BM_Prefill(benchmark::State& state) {
   const Index rows = state.range(0), m = state.range(1), d = 64;
   const Matrix<float> q = random_matrix<float>(rows, d, 1), k = random_matrix<float>(m, d, 2);

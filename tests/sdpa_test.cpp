@@ -160,17 +160,25 @@ TYPED_TEST(SdpaTest, BiasMaskAndCallables) {
   }
 }
 
-// A few queries over many keys take the split-K path (chunks of keys merged through their log-sum-exps).
+// A few queries over many keys take the split-K path (chunks of keys merged through their log-sum-exps): decoding
+// shapes in chunks of 512 keys, up to 64 rows (a prefill's short chunk against a long cache) in chunks of 4096, the
+// last one here 3 keys long.
 TYPED_TEST(SdpaTest, FewQueriesOverManyKeysSplitAcrossKeyChunks) {
   using S = TypeParam;
+  const Index wide_m = 2 * detail::kWideSplitKeys + 3;
+  ASSERT_TRUE(detail::use_split_keys<S>(detail::kSplitRows, wide_m));
+  ASSERT_FALSE(detail::use_split_keys<S>(detail::kSplitRows + 1, wide_m));
+  ASSERT_FALSE(detail::use_split_keys<S>(detail::kSplitRows, wide_m - 4));
   for (const auto& c : option_cases()) {
     SCOPED_TRACE(c.name);
+    const auto run = [&](Index n, Index m) {
+      AttentionOptions o = c.options;
+      if (o.key_length >= 0) o.key_length = o.key_length == 1 ? m / 3 : m - 700;
+      this->check(n, m, 16, 24, o, {});
+    };
     for (Index n : {1, 2, 5})
-      for (Index m : {1024, 1537, 4099}) {
-        AttentionOptions o = c.options;
-        if (o.key_length >= 0) o.key_length = o.key_length == 1 ? m / 3 : m - 700;
-        this->check(n, m, 16, 24, o, {});
-      }
+      for (Index m : {1024, 1537, 4099}) run(n, m);
+    for (Index n : {7, 64}) run(n, wide_m);
   }
   const Index n = 3, m = 2100;
   const Matrix<S> bias = random_matrix<S>(n, m, 5);
@@ -234,14 +242,18 @@ TYPED_TEST(SdpaTest, NanInAKeyOrValueOfADecodingBlockReachesEveryRow) {
 
 TYPED_TEST(SdpaTest, SplitKeysAreBitIdenticalForAnyThreadCount) {
   using S = TypeParam;
-  const Matrix<S> q = random_matrix<S>(2, 64, 1), k = random_matrix<S>(5000, 64, 2), v = random_matrix<S>(5000, 64, 3);
-  AttentionOptions o;
-  o.threads = 1;
-  const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
-  for (int threads : {2, 3, 8}) {
-    o.threads = threads;
-    const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
-    EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0) << threads;
+  for (const auto& [n, m] : {std::pair<Index, Index>{2, 5000}, {33, 9001}}) {  // decoding, and a prefill's chunk
+    ASSERT_TRUE(detail::use_split_keys<S>(n, m));
+    const Matrix<S> q = random_matrix<S>(n, 64, 1), k = random_matrix<S>(m, 64, 2), v = random_matrix<S>(m, 64, 3);
+    AttentionOptions o;
+    o.threads = 1;
+    const Matrix<S> serial = scaled_dot_product_attention(q, k, v, o);
+    for (int threads : {2, 3, 8}) {
+      o.threads = threads;
+      const Matrix<S> parallel = scaled_dot_product_attention(q, k, v, o);
+      EXPECT_EQ(std::memcmp(serial.data(), parallel.data(), sizeof(S) * size_t(serial.size())), 0)
+          << n << " rows, " << threads << " threads";
+    }
   }
 }
 

@@ -61,9 +61,12 @@ TEST(Workspace, MultiHeadAttentionForwardAndStep) {
         const auto out = std::make_shared<F>(n, width);
         check({name("MHA self", n, threads, kv_heads < heads ? " GQA" : ""), [=] { layer->forward_into(*x, *out, o); },
                layer->workspace_bytes(n, -1, o), n > 100});
-        const auto kv = std::make_shared<F>(random_matrix<float>(131, width, 3));
-        check({name("MHA cross m=131", n, threads), [=] { layer->forward_into(*x, *kv, *kv, *out, o); },
-               layer->workspace_bytes(n, 131, o), n > 100});
+        // m = 9001: 7 rows split their keys into chunks (split-K's partial outputs), 301 rows run whole.
+        for (const Index m : {Index(131), Index(9001)}) {
+          const auto kv = std::make_shared<F>(random_matrix<float>(m, width, 3));
+          check({name("MHA cross", n, threads, (" m=" + std::to_string(m)).c_str()),
+                 [=] { layer->forward_into(*x, *kv, *kv, *out, o); }, layer->workspace_bytes(n, m, o), n > 100});
+        }
       }
     for (const Index cached : {Index(40), Index(2047)})
       for (const int threads : {1, 2}) {

@@ -105,8 +105,9 @@ void scaled_dot_product_attention(const Eigen::MatrixBase<DQ>& q, const Eigen::M
 /// it is the heap cost of a call with a caller-provided `out`, apart from about 1 KiB of bookkeeping (allocator
 /// rounding, the thread pool's) per call. Each thread keeps its tile workspace between calls (it grows to the largest
 /// the thread has needed, and a later call that fits allocates nothing); release_cached_workspaces() frees them.
-/// Decoding shapes (at most a micro-kernel's rows of queries over at least 1024 keys) run split-K and also keep partial
-/// outputs: multi_head_attention_workspace_bytes with one head counts the whole call.
+/// A few query rows over many keys (at most a micro-kernel's rows over at least 1024 keys, or at most 64 rows over at
+/// least 8192) run split-K and also keep partial outputs: multi_head_attention_workspace_bytes with one head counts the
+/// whole call.
 template <class S>
 Index scaled_dot_product_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v,
                                                    const AttentionOptions& options = {}) {

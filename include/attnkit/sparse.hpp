@@ -1140,8 +1140,8 @@ void sparse_into(const char* where, const StridedView<S>& q, const StridedView<S
       dst.write = !last ? OutputWrite::kCached : continues ? OutputWrite::kAuto : fresh_write;
       AttentionOptions inner = options;  // the caller's tiles, not the direct call's band / block shapes
       inner.threads = threads;
-      // On one thread, one worker's workspace serves all its calls (no fresh pages per call). Decoding shapes
-      // go through run_attention's split-K whatever the thread count, so results never depend on it.
+      // On one thread, one worker's workspace serves all its calls (no fresh pages per call). A few rows over
+      // many keys go through run_attention's split-K whatever the thread count, so results never depend on it.
       if (threads == 1 && !use_split_keys<S>(call.q.rows, call.k.rows))
         fused_attention(call.q, call.k, call.v, call.mask, scale, inner, dst, KeyRange::all(), &workspace.get());
       else
@@ -1231,7 +1231,7 @@ Matrix<typename DQ::Scalar> sparse_attention(const Eigen::MatrixBase<DQ>& q, con
 /// \brief An upper bound on the heap one sparse_attention call with a caller-provided `out` allocates: per worker
 /// thread the fused tile workspace of the pattern's tile shapes (and n row scales with log-n scaling), n log-sum-exps
 /// when a term continues another's rows, and, when the pattern has atrous or summary-column terms, the tile workspaces
-/// of its gathered calls (with split-K's partial outputs for calls shaped for decoding), the list of gathered calls
+/// of its gathered calls (with split-K's partial outputs for a few rows over many keys), the list of gathered calls
 /// and, for short residue classes, the lanes' packed queries and keys.
 /// Independent of n apart from the O(n) vectors; never n x m. \throws attnkit::Error as sparse_attention does for the
 /// pattern and options.
@@ -1265,7 +1265,8 @@ Index sparse_attention_workspace_bytes(Index n, Index m, Index d_k, Index d_v, c
     const Index rows = std::min(queries, detail::kSparseRows);
     const Index calls = (columns ? 1 : t.rate) * ((queries + rows - 1) / rows);
     // Calls spread one per thread run on one thread each, in their worker's tile workspace; fewer calls than threads
-    // run one after another on all of them. Either way a call shaped for decoding goes split-K (partial outputs).
+    // run one after another on all of them. Either way a call of a few rows over many keys goes split-K (partial
+    // outputs).
     AttentionOptions inner = options;
     if (calls >= threads) inner.threads = 1;
     const Index per_call = detail::attention_calls_workspace_bytes<S>(1, rows, std::min(keys, m), d_k, d_v, inner);

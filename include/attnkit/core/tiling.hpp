@@ -763,13 +763,26 @@ struct AttentionCall {
   AttentionOutput<S> out;
 };
 
-/// Split-K ("flash decoding", Dao et al. 2023) pays when a few query rows meet many keys: one query tile would leave
-/// every thread but one idle. kSplitKeys is a fixed chunk size, so the result never depends on the thread count.
-constexpr Index kSplitKeys = 512;
+/// Split-K ("flash decoding", Dao et al. 2023) pays when a few query rows meet many keys: their one or few query tiles
+/// would leave threads idle. Which calls split, and into which chunks, depends on the shapes alone, so the result
+/// never depends on the thread count. Decoding shapes (at most a micro-kernel's rows) take chunks of kSplitKeys keys
+/// from 1024 keys on. Up to kSplitRows rows (a prefill's short chunk against a long cache, cross-attention over a long
+/// memory) take chunks of kWideSplitKeys from 8192 keys on. Whole, such a call has one or two query tiles for all the
+/// threads: two threads ran 8 / 32 / 64 rows over 65536 keys (d = 64, Zen 4, bench_sdpa's BM_Prefill) at 1.1-1.4 /
+/// 1.4-1.7 / 1.5-1.8x one thread's speed, split at 2.2-2.4 / 2.0-2.1 / 2.0x. One thread's time moved within the
+/// noise (0.97-1.04x in a driver alternating the two). From 96 rows on the query tiles keep two threads busy (split:
+/// 0.95-0.99x the time); with more threads than that the limit would lie higher.
+constexpr Index kSplitKeys = 512, kSplitRows = 64, kWideSplitKeys = 4096;
+
+/// Keys per split-K chunk for calls of `rows` query rows.
+template <class S>
+Index split_chunk_keys(Index rows) {
+  return rows <= KernelShape<S>::kRows ? kSplitKeys : kWideSplitKeys;
+}
 
 template <class S>
 bool use_split_keys(Index rows, Index m) {
-  return rows <= KernelShape<S>::kRows && m >= 2 * kSplitKeys;
+  return rows <= kSplitRows && m >= 2 * split_chunk_keys<S>(rows);
 }
 
 /// Runs `calls` with the same number of query rows, keys and values columns split-K: each task takes one chunk of
@@ -778,7 +791,7 @@ bool use_split_keys(Index rows, Index m) {
 template <class S, class Mask>
 void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const AttentionOptions& o) {
   const Index rows = calls[0].q.rows, m = calls[0].k.rows, dv = calls[0].v.cols;
-  const Index chunks = (m + kSplitKeys - 1) / kSplitKeys;
+  const Index chunk = split_chunk_keys<S>(rows), chunks = (m + chunk - 1) / chunk;
   AttentionOptions serial = o;
   serial.threads = 1;
   Eigen::Matrix<S, Eigen::Dynamic, 1> partial(count * chunks * rows * dv), lse(count * chunks * rows);
@@ -786,7 +799,7 @@ void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const
       chunks, o.threads, [] { return CachedWorkspace<S>(); },
       [&](Index c, CachedWorkspace<S>& cached) {
         AttentionWorkspace<S>& ws = cached.get();
-        const KeyRange keys{c * kSplitKeys, std::min(m, (c + 1) * kSplitKeys)};
+        const KeyRange keys{c * chunk, std::min(m, (c + 1) * chunk)};
         for (Index i = 0; i < count; ++i) {
           const AttentionCall<S, Mask>& call = calls[i];
           const Index first = (i * chunks + c) * rows;
@@ -800,8 +813,8 @@ void split_key_attention(const AttentionCall<S, Mask>* calls, Index count, const
 }
 
 /// Heap bytes run_attention allocates for `count` calls shaped alike (`rows` query rows over m keys, key width dk,
-/// value width dv): one tile workspace per worker, and split-K's partial outputs when the calls are shaped for
-/// decoding. Each workspace buffer is counted with its allocation overhead.
+/// value width dv): one tile workspace per worker, and split-K's partial outputs when the calls split their keys
+/// (use_split_keys). Each workspace buffer is counted with its allocation overhead.
 template <class S>
 Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk, Index dv, const AttentionOptions& o) {
   if (count == 0 || rows == 0) return 0;
@@ -813,7 +826,7 @@ Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk
   const TilePlan plan = plan_tiles<S>(rows, m, dk, dv, per_call);
   const Index workspace = AttentionWorkspace<S>::bytes(plan, dk, dv) + 10 * kAllocationOverhead;
   if (use_split_keys<S>(rows, m)) {
-    const Index chunks = (m + kSplitKeys - 1) / kSplitKeys;
+    const Index chunk = split_chunk_keys<S>(rows), chunks = (m + chunk - 1) / chunk;
     return heap_bytes<S>(count * chunks * rows * dv) + heap_bytes<S>(count * chunks * rows) +
            std::min(threads, chunks) * workspace;
   }
@@ -822,8 +835,8 @@ Index attention_calls_workspace_bytes(Index count, Index rows, Index m, Index dk
   return heap_bytes<const void*>(count) + std::max<Index>(workers, 1) * workspace;
 }
 
-/// The one entry point of exact attention: runs every call. Runs of consecutive calls shaped for decoding (a few
-/// query rows over many keys, same shapes) go split-K; the others run whole, in parallel one thread each when there
+/// The one entry point of exact attention: runs every call. Runs of consecutive calls of a few query rows over many
+/// keys (use_split_keys, same shapes) go split-K; the others run whole, in parallel one thread each when there
 /// are at least as many of them as threads, otherwise one after another with every thread on its query tiles. Which
 /// path a call takes depends on the shapes only, so results are the same for any thread count.
 template <class S, class Mask>

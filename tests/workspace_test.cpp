@@ -8,6 +8,7 @@
 
 #include <attnkit/attnkit.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <functional>
 #include <memory>
@@ -87,7 +88,9 @@ TEST(Workspace, MultiHeadAttentionForwardAndStep) {
 
 // Each thread keeps its tile workspace between calls: a second call of a shape allocates (almost) nothing, the same
 // output comes back, and release_cached_workspaces() frees the caches so that the next call allocates the whole
-// documented workspace again, on one thread and on two.
+// documented workspace again, on one thread and on two. With two threads the schedule decides which threads run a
+// first call's tiles (one may take them all while the other is still starting): a thread allocates its workspace in
+// the first call it runs tiles in, so of two warm calls one allocates nothing and both together at most one thread's.
 TEST(Workspace, ThreadsKeepTheirTileWorkspaceUntilReleased) {
   for (const int threads : {1, 2}) {
     SCOPED_TRACE(threads);
@@ -96,12 +99,19 @@ TEST(Workspace, ThreadsKeepTheirTileWorkspaceUntilReleased) {
     F out(n, d), again(n, d);
     AttentionOptions o;
     o.threads = threads;
-    const Index documented =
-        detail::resolve_threads(threads) * scaled_dot_product_attention_workspace_bytes<float>(n, n, d, d, o);
+    const Index per_thread = scaled_dot_product_attention_workspace_bytes<float>(n, n, d, d, o);
+    const Index documented = detail::resolve_threads(threads) * per_thread;
     scaled_dot_product_attention(q, k, v, out, o);
     const int64_t warm = heap::peak_during([&] { scaled_dot_product_attention(q, k, v, again, o); });
     EXPECT_TRUE(out == again);
-    EXPECT_LE(warm, kSlack) << "a warm call allocated " << warm << " bytes";
+    if (threads == 1) {
+      EXPECT_LE(warm, kSlack) << "a warm call allocated " << warm << " bytes";
+    } else {
+      const int64_t warmer = heap::peak_during([&] { scaled_dot_product_attention(q, k, v, again, o); });
+      EXPECT_TRUE(out == again);
+      EXPECT_LE(std::min(warm, warmer), kSlack) << "two warm calls allocated " << warm << " and " << warmer << " bytes";
+      EXPECT_LE(warm + warmer, per_thread + 2 * kSlack) << "two warm calls allocated " << warm << " and " << warmer;
+    }
     release_cached_workspaces();
     const int64_t cold = heap::peak_during([&] { scaled_dot_product_attention(q, k, v, again, o); });
     EXPECT_TRUE(out == again);

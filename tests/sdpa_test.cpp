@@ -180,15 +180,23 @@ TYPED_TEST(SdpaTest, FewQueriesOverManyKeysSplitAcrossKeyChunks) {
       for (Index m : {1024, 1537, 4099}) run(n, m);
     for (Index n : {7, 64}) run(n, wide_m);
   }
-  const Index n = 3, m = 2100;
-  const Matrix<S> bias = random_matrix<S>(n, m, 5);
-  BoolMatrix mask(n, m);
-  for (Index i = 0; i < n; ++i)
-    for (Index j = 0; j < m; ++j) mask(i, j) = (j * 7 + i) % 11 != 0 && j < 1900 - 300 * i;
-  const MatD bias_d = bias.template cast<double>();
-  AttentionOptions causal;
-  causal.causal = true;
-  this->check(n, m, 8, 8, causal, NaiveExtras{&bias_d, &mask, {}, {}}, bias, mask);
+  // A bias, a boolean mask and callables, indexed by the keys' positions in the whole call, in every chunk.
+  for (const auto& [n, m] : {std::pair<Index, Index>{3, 2100}, {9, wide_m}}) {
+    ASSERT_TRUE(detail::use_split_keys<S>(n, m));
+    const Matrix<S> bias = random_matrix<S>(n, m, 5);
+    BoolMatrix mask(n, m);
+    for (Index i = 0; i < n; ++i)
+      for (Index j = 0; j < m; ++j) mask(i, j) = (j * 7 + i) % 11 != 0 && j < m - 200 - 300 * i;
+    const MatD bias_d = bias.template cast<double>();
+    const auto allowed = [](Index i, Index j) { return (i + j) % 3 != 1; };
+    const auto score = [](S s, Index i, Index j) { return s + S(0.01) * S((i * j) % 7); };
+    const NaiveExtras x_all{&bias_d, &mask, allowed,
+                            [](double s, Index i, Index j) { return s + 0.01 * double((i * j) % 7); }};
+    AttentionOptions causal;
+    causal.causal = true;
+    this->check(n, m, 8, 8, causal, NaiveExtras{&bias_d, &mask, {}, {}}, bias, mask);
+    this->check(n, m, 8, 8, AttentionOptions{}, x_all, score, mask, allowed, bias);
+  }
 }
 
 // Decoding shapes (at most a micro-kernel's rows of queries) read the key rows in place for their scores (fold_sums

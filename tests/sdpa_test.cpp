@@ -551,26 +551,31 @@ TEST(SdpaFloat, OutputWrittenPastTheCachesEqualsTheCachedPath) {
 }
 
 // A chunk of query rows over keys and values larger than the usable cache, its output small (chunked prefill against
-// a long cache): the tile loop fetches key tiles ahead without streaming the output. The rows still equal the double
-// reference, causal (rows aligned to the last keys) and not, with one thread and two.
+// a long cache): the tile loop fetches key tiles ahead without streaming the output, in each split-K chunk (33 rows)
+// or over all the keys (65 rows, a whole call). The rows still equal the double reference, causal (rows aligned to the
+// last keys) and not, with one thread and two.
 TEST(SdpaFloat, FewRowsOverKeysPastTheCacheFetchAhead) {
   using S = float;
-  const Index d = 16, dv = 8, n = detail::kFetchRows + 1;
+  const Index d = 16, dv = 8;
   const Index m = detail::usable_cache_bytes() / ((d + dv) * Index(sizeof(S))) * 9 / 8 + 3;
-  const Index bytes = (n + m) * (d + dv) * Index(sizeof(S));
-  ASSERT_GT(bytes, detail::usable_cache_bytes());
-  ASSERT_FALSE(detail::streams_past_cache(bytes, n * dv * Index(sizeof(S))));  // the output goes through the caches
-  const Matrix<S> q = random_matrix<S>(n, d, 1), k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
-  for (const bool causal : {false, true})
-    for (const int threads : {1, 2}) {
-      AttentionOptions o;
-      o.causal = causal, o.threads = threads;
-      const Matrix<S> out = scaled_dot_product_attention(q, k, v, o);
-      EXPECT_TRUE(all_close(
-          out, naive_attention(q.cast<double>().eval(), k.cast<double>().eval(), v.cast<double>().eval(), o).out,
-          testing::attention_tolerance<S>(m)))
-          << "causal " << causal << " threads " << threads;
-    }
+  const Matrix<S> k = random_matrix<S>(m, d, 2), v = random_matrix<S>(m, dv, 3);
+  for (const Index n : {detail::kFetchRows + 1, detail::kSplitRows + 1}) {
+    const Index bytes = (n + m) * (d + dv) * Index(sizeof(S));
+    ASSERT_GT(bytes, detail::usable_cache_bytes());
+    ASSERT_FALSE(detail::streams_past_cache(bytes, n * dv * Index(sizeof(S))));  // the output goes through the caches
+    EXPECT_EQ(detail::use_split_keys<S>(n, m), n <= detail::kSplitRows);
+    const Matrix<S> q = random_matrix<S>(n, d, 1);
+    for (const bool causal : {false, true})
+      for (const int threads : {1, 2}) {
+        AttentionOptions o;
+        o.causal = causal, o.threads = threads;
+        const Matrix<S> out = scaled_dot_product_attention(q, k, v, o);
+        EXPECT_TRUE(all_close(
+            out, naive_attention(q.cast<double>().eval(), k.cast<double>().eval(), v.cast<double>().eval(), o).out,
+            testing::attention_tolerance<S>(m)))
+            << n << " rows, causal " << causal << " threads " << threads;
+      }
+  }
 }
 
 // A score callable that itself runs attention (on the same thread, while the outer call holds the thread's cached
